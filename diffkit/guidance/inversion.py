@@ -1,0 +1,5 @@
+"""Pipeline methods: invert (mixed into every diffkit pipeline)."""
+
+
+class InversionMixin:
+    pass

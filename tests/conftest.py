@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny zoo pipelines saved once per session, loaded through from_pretrained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffkit.zoo import save_tiny_pipeline
+
+torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory):
+    """{"sd15": path, "sd2": path, "sdxl": path} of saved tiny pipelines (seed 0)."""
+    root = tmp_path_factory.mktemp("zoo")
+    return {fam: save_tiny_pipeline(root / fam, fam, seed=0) for fam in ("sd15", "sd2", "sdxl")}
+
+
+def _load(path):
+    import diffkit
+
+    pipe = diffkit.DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def load_tiny(tiny_paths):
+    """load_tiny("sd15") -> a fresh diffkit pipeline loaded from disk."""
+    return lambda family="sd15": _load(tiny_paths[family])
+
+
+@pytest.fixture
+def gen():
+    """gen(seed) -> a CPU torch.Generator."""
+    return lambda seed=0: torch.Generator().manual_seed(seed)
