@@ -1,17 +1,21 @@
 """An offline CLIP tokenizer: a real byte-level BPE ``CLIPTokenizer`` built without the hub.
 
-Stable Diffusion's tokenizer is CLIP's 49k-token BPE, downloaded from the hub. Offline we train the
-same kind of model (byte-level BPE with CLIP's ``</w>`` end-of-word suffix) with the ``tokenizers``
-library on a small word list, until every listed word is one token, and wrap it in the real
-``CLIPTokenizer`` class. Unknown words still tokenize, as pieces.
+Stable Diffusion's tokenizer is CLIP's 49k-token BPE, downloaded from the hub. Offline we build the
+same kind of model (byte-level BPE with CLIP's ``</w>`` end-of-word suffix) from a word list and wrap
+it in the real ``CLIPTokenizer`` class.
+
+The merges grow each word from its end: ``(m, "</w>")``-terminated suffixes ``"m</w>" -> "am</w>" ->
+"ram</w>" ...``. Every merge joins one symbol to a token that ends the word, so within any word only
+the pair at its end can ever merge: listed words always close into one token, unknown words into
+pieces, and the result depends on nothing but the sorted word list (BPE training with the
+``tokenizers`` trainer breaks frequency ties in hash order, which is not reproducible).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import pre_tokenizers
 from transformers import CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -26,40 +30,26 @@ BASIC_WORDS = (
 def _words(words: Iterable[str]) -> list[str]:
     out = sorted({w for phrase in (*BASIC_WORDS, *words) for w in phrase.lower().split()})
     for w in out:
-        if not w.isalpha():
-            raise ValueError(f"tokenizer words must be alphabetic, got {w!r}")
+        if not w.isalpha() or not w.isascii():
+            raise ValueError(f"tokenizer words must be alphabetic ASCII, got {w!r}")
     return out
 
 
-def build_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77) -> CLIPTokenizer:
-    """Train a deterministic byte-level BPE on ``BASIC_WORDS`` + ``words``; return a ``CLIPTokenizer``.
+def suffix_merges(word_list: Iterable[str]) -> list[tuple[str, str]]:
+    """The BPE merges that build every word from its last letter leftwards (sorted, de-duplicated)."""
+    merges = set()
+    for word in word_list:
+        for i in range(len(word) - 2, -1, -1):
+            merges.add((word[i], word[i + 1 :] + "</w>"))
+    return sorted(merges, key=lambda m: (len(m[1]), m))
 
-    Every word of the list encodes to exactly one token ``word</w>``.
-    """
+
+def build_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77) -> CLIPTokenizer:
+    """A deterministic ``CLIPTokenizer`` in which ``BASIC_WORDS`` and ``words`` are single tokens."""
     word_list = _words(words)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    # Enough merges for every word to close into one token; the trainer stops early when done.
-    budget = len(alphabet) * 2 + sum(len(w) for w in word_list) + 2
-    trainer = trainers.BpeTrainer(
-        vocab_size=budget,
-        min_frequency=0,
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-        special_tokens=[],
-    )
-    bpe.train_from_iterator(word_list, trainer=trainer)
-    state = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = dict(state["vocab"])
-    for sym in alphabet:  # lone byte symbols at word end (CLIP's vocab has both forms)
-        vocab.setdefault(sym + "</w>", len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
-    vocab[BOS] = len(vocab)
-    vocab[EOS] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
-    unsplit = [w for w in word_list if len(tok.tokenize(w)) != 1]
-    if unsplit:  # pragma: no cover - guards the budget arithmetic above
-        raise RuntimeError(f"BPE training left words split: {unsplit[:5]}")
-    return tok
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    merges = suffix_merges(word_list)
+    vocab: dict[str, int] = {}
+    for token in [*alphabet, *(s + "</w>" for s in alphabet), *(a + b for a, b in merges), BOS, EOS]:
+        vocab.setdefault(token, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
