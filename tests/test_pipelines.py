@@ -160,3 +160,29 @@ def test_pipeline_warnings_are_quiet(load_tiny):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pipe("x", guidance=CFG(2.0), num_inference_steps=1, output_type="latent")
+
+
+def test_controlnet_and_inpaint_parity(tiny_paths):
+    base = diffusers.DiffusionPipeline.from_pretrained(tiny_paths["sd15"])
+    torch.manual_seed(0)
+    controlnet = diffusers.ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 16, 16, 16))
+    cn = diffusers.StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet)
+    inpaint = diffusers.StableDiffusionInpaintPipeline(**base.components)
+    mask = Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), 16))
+    cases = [(cn, dict(image=_init_image())), (inpaint, dict(image=_init_image(), mask_image=mask))]
+    for plain, extra in cases:
+        plain.set_progress_bar_config(disable=True)
+        ours = diffkit.DiffusionPipeline.from_pipe(plain)
+        assert type(ours).__name__ == type(plain).__name__ and type(ours) is not type(plain)
+        kw = dict(prompt="a red star", num_inference_steps=3, output_type="latent", **extra)
+        ref = plain(generator=torch.Generator().manual_seed(0), guidance_scale=5.0, **kw).images
+        got = ours(generator=torch.Generator().manual_seed(0), guidance=CFG(5.0), **kw).images
+        assert (got - ref).abs().max().item() == 0.0
+
+
+def test_every_supported_class_is_a_subclass_of_its_parent():
+    from diffkit.pipelines import SUPPORTED
+
+    for name in SUPPORTED:
+        assert issubclass(PIPELINES[name], getattr(diffusers, name))
+        assert PIPELINES[name].__name__ == name
