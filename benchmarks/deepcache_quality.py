@@ -1,0 +1,161 @@
+"""DeepCache quality on the reference model: PSNR against no-cache images and oracle accuracy, N = 2, 3, 5.
+
+For ``--n`` shapes-world prompts (default 256, one seed each) the reference pipeline
+(``diffkit.zoo.load_reference_pipeline``) generates the no-cache images, then the same prompts and seeds
+with DeepCache at every interval N and both schedules (uniform 1:N and the non-uniform eq. 7 schedule).
+Reported per configuration: mean per-image PSNR against the no-cache image of the same prompt and seed
+(``diffkit.evaluation.mean_psnr``), the oracle's per-factor accuracy (``load_reference_classifier``,
+``diffkit.evaluation.evaluate_concepts``) and its change from no cache, and the wall time. Issue 5's
+target: at N = 3, accuracy within 2 points of no cache.
+
+Each finished configuration is written at once (atomically) to results/deepcache_quality.json, with the
+no-cache images kept in results/.work/, so a killed run resumes where it stopped (``--resume``).
+
+    python benchmarks/deepcache_quality.py                    # 256 images per configuration
+    python benchmarks/deepcache_quality.py --smoke            # tiny random pipeline, 8 images (logic only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, environment, print_table, write_json  # noqa: E402
+
+from diffkit.evaluation import evaluate_concepts, mean_psnr, shapes_prompt_specs  # noqa: E402
+
+INTERVALS = (2, 3, 5)
+SCHEDULES = ("uniform", "non-uniform")
+
+
+def _load(smoke: bool, device: str):
+    if smoke:
+        import diffkit
+        from diffkit.zoo import build_tiny_pipeline
+        from diffkit.zoo.shapes import FACTORS
+
+        pipe = diffkit.DiffusionPipeline.from_pipe(build_tiny_pipeline("sd15"))
+        pipe.set_progress_bar_config(disable=True)
+        try:  # the real oracle when it is there; its verdict on random-weight images is meaningless anyway
+            from diffkit.zoo import load_reference_classifier
+
+            return pipe.to(device), load_reference_classifier(device)
+        except (ImportError, FileNotFoundError):
+            return pipe.to(device), _ChanceOracle(FACTORS)
+    try:
+        from diffkit.zoo import load_reference_classifier, load_reference_pipeline
+    except ImportError as e:
+        raise SystemExit(f"the reference model is not in this checkout ({e}); it comes with issue 3") from None
+    try:
+        return load_reference_pipeline(device), load_reference_classifier(device)
+    except FileNotFoundError as e:
+        raise SystemExit(f"reference model missing: {e}") from None
+
+
+class _ChanceOracle:
+    """--smoke only, when the oracle is not trained yet: labels from mean-brightness buckets, so the
+    benchmark's logic (generation, PSNR, accuracy bookkeeping, resume) runs anywhere. Not a metric."""
+
+    def __init__(self, factors):
+        self.factors = {f: sorted(v) if not isinstance(v, str) else [v] for f, v in dict(factors).items()}
+
+    def _labels(self, images):
+        m = np.asarray(images, dtype=np.float64).reshape(len(images), -1).mean(1)
+        return {f: [vals[int(x) % len(vals)] for x in m] for f, vals in self.factors.items()}
+
+    def classify(self, images):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(labels=self._labels(images))
+
+    def features(self, images):
+        import torch
+
+        return torch.as_tensor(np.asarray(images, dtype=np.float32).reshape(len(images), -1)[:, :16])
+
+
+def _mean_acc(acc: dict) -> float:
+    return float(np.mean(list(acc.values()))) if acc else float("nan")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny random pipeline, few images (logic check)")
+    ap.add_argument("--n", type=int, default=256, help="number of prompts (one image each)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance-scale", type=float, default=7.5)
+    ap.add_argument("--branch", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--resume", action="store_true", help="keep finished configurations of a previous run")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.n, args.steps, args.batch_size = min(args.n, 8), min(args.steps, 10), min(args.batch_size, 8)
+    name = "deepcache_quality_smoke.json" if args.smoke else "deepcache_quality.json"
+    work = RESULTS / ".work"
+    work.mkdir(parents=True, exist_ok=True)
+    baseline_npz = work / name.replace(".json", "_baseline.npz")
+
+    pipe, oracle = _load(args.smoke, args.device)
+    specs = shapes_prompt_specs(args.n, seed=0)
+    call = dict(seeds=(0,), batch_size=args.batch_size, num_inference_steps=args.steps,
+                guidance_scale=args.guidance_scale, progress=not args.smoke)
+    setting = dict(n_images=args.n, steps=args.steps, guidance_scale=args.guidance_scale, branch=args.branch,
+                   scheduler=type(pipe.scheduler).__name__, device=args.device, smoke=args.smoke)
+    payload = dict(benchmark="deepcache_quality", setting=setting, environment=environment(), results=[])
+    previous = RESULTS / name
+    if args.resume and previous.is_file() and baseline_npz.is_file():
+        old = json.loads(previous.read_text())
+        if old.get("setting") == setting:
+            payload["results"] = old["results"]
+    done = {r["config"] for r in payload["results"]}
+
+    if "no-cache" in done:
+        base_images = np.load(baseline_npz)["images"]
+    else:
+        pipe.disable_deepcache()
+        t0 = time.perf_counter()
+        base = evaluate_concepts(pipe, oracle, specs, desc="no-cache", **call)
+        base_images = base.images
+        np.savez_compressed(baseline_npz, images=base_images)
+        payload["results"].append(dict(config="no-cache", interval=1, schedule="-", psnr_db=float("inf"),
+                                       accuracy=base.accuracy, mean_accuracy=_mean_acc(base.accuracy),
+                                       delta_points=0.0, seconds=time.perf_counter() - t0))
+        write_json(name, payload)
+    base_acc = next(r for r in payload["results"] if r["config"] == "no-cache")["mean_accuracy"]
+
+    for schedule in SCHEDULES:
+        for n in INTERVALS:
+            config = f"N={n} {schedule} b={args.branch}"
+            if config in done:
+                continue
+            pipe.enable_deepcache(interval=n, branch=args.branch, schedule=schedule)
+            t0 = time.perf_counter()
+            res = evaluate_concepts(pipe, oracle, specs, desc=config, **call)
+            acc = _mean_acc(res.accuracy)
+            payload["results"].append(dict(
+                config=config, interval=n, schedule=schedule, psnr_db=mean_psnr(base_images, res.images),
+                accuracy=res.accuracy, mean_accuracy=acc, delta_points=100 * (acc - base_acc),
+                seconds=time.perf_counter() - t0))
+            write_json(name, payload)  # checkpoint after every configuration
+    pipe.disable_deepcache()
+    print_table([{k: r[k] for k in ("config", "psnr_db", "mean_accuracy", "delta_points", "seconds")}
+                 for r in payload["results"]])
+    print(f"wrote {RESULTS / name}")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
