@@ -1,6 +1,24 @@
 """Guidance methods: CFG, APG, CFG++ (see :mod:`diffkit.guidance.base` for the interface)."""
 
+from .apg import APG
 from .base import Guidance, GuidanceOutput, StepContext
 from .cfg import CFG, cfg_combine
+from .cfgpp import CFGPlusPlus
+from .space import SUPPORTED_SCHEDULERS, from_denoised, noise_level, to_denoised, to_epsilon
+from .steps import STEP_RULES
 
-__all__ = ["CFG", "Guidance", "GuidanceOutput", "StepContext", "cfg_combine"]
+__all__ = [
+    "APG",
+    "CFG",
+    "CFGPlusPlus",
+    "Guidance",
+    "GuidanceOutput",
+    "STEP_RULES",
+    "SUPPORTED_SCHEDULERS",
+    "StepContext",
+    "cfg_combine",
+    "from_denoised",
+    "noise_level",
+    "to_denoised",
+    "to_epsilon",
+]

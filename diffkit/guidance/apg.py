@@ -1,14 +1,14 @@
 """Adaptive Projected Guidance (Sadat, Hilliges, Weber, "Eliminating Oversaturation and Artifacts of High
 Guidance Scales in Diffusion Models", ICLR 2025).
 
-The paper rewrites CFG on the denoised estimate, ``D_w = D_c + (w - 1) (D_c - D_u)`` (its eq. 3 moved to
-x0), and changes the update ``diff = D_c - D_u`` in three ways:
+The paper writes CFG on the denoised estimate, ``D_w = D_c + (w - 1) (D_c - D_u)``, and changes the update
+``diff = D_c - D_u`` in three ways (its Algorithm 1 gives the whole rule as code):
 
-1. reverse momentum (Sec. 5.2): ``a <- diff + beta a`` with ``beta < 0``, ``a`` starting at 0, and
+1. reverse momentum: ``a <- diff + beta a`` with ``beta < 0``, ``a`` starting at 0, and
    ``diff <- a``;
-2. rescaling (Sec. 5.1): ``diff <- diff * min(1, r / ||diff||)``, the norm per sample over all non-batch
+2. rescaling: ``diff <- diff * min(1, r / ||diff||)``, the norm per sample over all non-batch
    dimensions, skipped when ``r = 0``;
-3. projection (Sec. 4, eq. 6-8): ``diff_par = (<diff, D_c> / ||D_c||^2) D_c``, ``diff_orth = diff - diff_par``
+3. projection onto D_c: ``diff_par = (<diff, D_c> / ||D_c||^2) D_c``, ``diff_orth = diff - diff_par``
    and ``D_APG = D_c + (w - 1) (diff_orth + eta diff_par)``.
 
 With ``eta = 1``, ``r = 0`` and ``beta = 0`` this is CFG with scale ``w``. The paper's Algorithm 1 computes
@@ -32,7 +32,7 @@ def _non_batch_dims(x: torch.Tensor) -> list[int]:
 
 
 def project(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split ``v0`` into its parts parallel and orthogonal to ``v1``, per sample (paper eq. 6-7).
+    """Split ``v0`` into its parts parallel and orthogonal to ``v1``, per sample (the paper's decomposition).
 
     ``v0_par = (<v0, v1> / ||v1||^2) v1`` and ``v0_orth = v0 - v0_par``, inner products over all non-batch
     dimensions, computed in float64 and returned in ``v0``'s dtype.
@@ -46,7 +46,7 @@ def project(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def momentum_update(diff: torch.Tensor, state: dict, momentum: float) -> torch.Tensor:
-    """Reverse momentum (paper Sec. 5.2): ``a <- diff + beta * a`` with ``a = 0`` at the first step; returns ``a``.
+    """Reverse momentum: ``a <- diff + beta * a`` with ``a = 0`` at the first step; returns ``a``.
 
     The running average lives in ``state["running_average"]`` (one pipeline call's state).
     """
@@ -57,7 +57,7 @@ def momentum_update(diff: torch.Tensor, state: dict, momentum: float) -> torch.T
 
 
 def rescale(diff: torch.Tensor, norm_threshold: float) -> torch.Tensor:
-    """Bound the update's norm (paper Sec. 5.1): ``diff * min(1, r / ||diff||)`` per sample; ``r = 0``: unchanged."""
+    """Bound the update's norm: ``diff * min(1, r / ||diff||)`` per sample; ``r = 0``: unchanged."""
     if norm_threshold <= 0:
         return diff
     norm = diff.norm(p=2, dim=_non_batch_dims(diff), keepdim=True)
@@ -127,8 +127,9 @@ class APG(Guidance):
                     state=state)
         if self.space == "epsilon":
             return GuidanceOutput(normalized_guidance(pred_cond, pred_uncond, **rule))
-        level = noise_level(ctx.scheduler, ctx.timestep)
-        d_uncond = to_denoised(pred_uncond, ctx.sample, level, ctx.prediction_type)
-        d_cond = to_denoised(pred_cond, ctx.sample, level, ctx.prediction_type)
+        # The conversions run in float32 (half-precision x0 at high noise loses digits); the result is cast back.
+        level, sample, kind = noise_level(ctx.scheduler, ctx.timestep), ctx.sample.float(), ctx.prediction_type
+        d_uncond = to_denoised(pred_uncond.float(), sample, level, kind)
+        d_cond = to_denoised(pred_cond.float(), sample, level, kind)
         d_guided = normalized_guidance(d_cond, d_uncond, **rule)
-        return GuidanceOutput(from_denoised(d_guided, ctx.sample, level, ctx.prediction_type))
+        return GuidanceOutput(from_denoised(d_guided, sample, level, kind).to(pred_cond.dtype))

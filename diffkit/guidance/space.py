@@ -120,7 +120,8 @@ def to_epsilon(pred: torch.Tensor, sample: torch.Tensor, level: NoiseLevel, pred
     return (sample - level.a * pred) / level.b
 
 
-def from_denoised(denoised: torch.Tensor, sample: torch.Tensor, level: NoiseLevel, prediction_type: str) -> torch.Tensor:
+def from_denoised(denoised: torch.Tensor, sample: torch.Tensor, level: NoiseLevel,
+                  prediction_type: str) -> torch.Tensor:
     """The model's prediction type from D (inverse of :func:`to_denoised` at the same sample and level)."""
     _check_type(prediction_type)
     level = level.to(sample)
