@@ -32,7 +32,9 @@ class HardConcrete:
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not (self.gamma < 0 and self.zeta > 1):
-            raise ValueError(f"stretch (gamma, zeta) must satisfy gamma < 0 < 1 < zeta, got ({self.gamma}, {self.zeta})")
+            raise ValueError(
+                f"stretch (gamma, zeta) must satisfy gamma < 0 < 1 < zeta, got ({self.gamma}, {self.zeta})"
+            )
 
     def sample(self, logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """A relaxed mask in [0, 1] from uniform noise ``u`` (same shape as ``logits``)."""

@@ -1,0 +1,203 @@
+"""Pruning quality on the reference model: 10/20/30% fewer U-Net parameters, no retraining.
+
+EcoDiff masks are learned once on ``--calib`` shapes-world calibration prompts (distinct seed from the
+evaluation prompts), over the whole trajectory (``--learn-steps`` DDIM steps, time-step gradient
+checkpointing), then binarized for each parameter target (``target_reduction``; widths multiple of 8).
+Each pruned model (and, as a control, random masks with the same parameter reduction) generates
+the ``--n`` evaluation prompts with the same seeds as the unpruned model. Reported per configuration:
+oracle accuracy (``load_reference_classifier`` via ``diffkit.evaluation.evaluate_concepts``) and its
+change from unpruned, KID on the oracle's features against the unpruned images, mean PSNR against the
+unpruned image of the same prompt and seed, parameter and MAC reductions. Issue 8's target: at 20%
+fewer parameters, accuracy within 3 points of unpruned.
+
+Finished rows are written at once (atomically) to results/pruning_quality.json; learning checkpoints
+and the unpruned images live in results/.work/, so a killed run resumes (``--resume``).
+
+    python benchmarks/pruning_quality.py                    # reference model (CPU ok; GPU faster)
+    python benchmarks/pruning_quality.py --smoke            # tiny random pipeline: logic only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, environment, print_table, write_json  # noqa: E402
+
+from diffkit.evaluation import evaluate_concepts, kid, mean_psnr, shapes_prompt_specs  # noqa: E402
+from diffkit.pruning import (  # noqa: E402
+    MaskLearningConfig,
+    binarize,
+    find_units,
+    kept_fractions,
+    learn_masks,
+    save_pruning,
+)
+from diffkit.pruning.trajectory import SINGLE_STEP_SCHEDULERS  # noqa: E402
+
+TARGETS = (0.1, 0.2, 0.3)
+
+
+class _BrightnessOracle:
+    """--smoke only, when the oracle is not trained yet: labels from brightness buckets. Not a metric."""
+
+    def __init__(self, factors):
+        self.factors = {f: sorted(v) for f, v in dict(factors).items()}
+
+    def classify(self, images):
+        from types import SimpleNamespace
+
+        m = np.asarray(images, dtype=np.float64).reshape(len(images), -1).mean(1) * 10
+        return SimpleNamespace(labels={f: [v[int(x) % len(v)] for x in m] for f, v in self.factors.items()})
+
+    def features(self, images):
+        return torch.as_tensor(np.asarray(images, dtype=np.float32).reshape(len(images), -1)[:, :16])
+
+
+def _load(smoke: bool, device: str):
+    if smoke:
+        import diffkit
+        from diffkit.zoo import build_tiny_pipeline
+        from diffkit.zoo.shapes import FACTORS
+
+        pipe = diffkit.to_diffkit(build_tiny_pipeline("sd15")).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        try:
+            from diffkit.zoo import load_reference_classifier
+
+            return pipe, load_reference_classifier(device)
+        except (ImportError, FileNotFoundError):
+            return pipe, _BrightnessOracle(FACTORS)
+    try:
+        from diffkit.zoo import load_reference_classifier, load_reference_pipeline
+    except ImportError as e:
+        raise SystemExit(f"the reference model is not in this checkout ({e}); it comes with issue 3") from None
+    try:
+        return load_reference_pipeline(device), load_reference_classifier(device)
+    except FileNotFoundError as e:
+        raise SystemExit(f"reference model missing: {e}") from None
+
+
+def _mean(acc: dict) -> float:
+    return float(np.mean(list(acc.values())))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny random pipeline, few images (logic check)")
+    ap.add_argument("--n", type=int, default=256, help="evaluation prompts (one image each)")
+    ap.add_argument("--calib", type=int, default=64, help="calibration prompts for mask learning")
+    ap.add_argument("--learn-steps", type=int, default=25, help="trajectory length during mask learning")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--beta", type=float, default=0.5)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--steps", type=int, default=50, help="denoising steps of the evaluation images")
+    ap.add_argument("--guidance-scale", type=float, default=7.5)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--resume", action="store_true", help="keep finished rows of a previous run")
+    ap.add_argument("--skip-random", action="store_true", help="no random-mask control rows (half the time)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.n, args.calib, args.steps, args.learn_steps, args.epochs = 8, 4, 4, 3, 1
+        args.batch_size = min(args.batch_size, 8)
+    name = "pruning_quality_smoke.json" if args.smoke else "pruning_quality.json"
+    work = RESULTS / ".work" / name.replace(".json", "")
+    work.mkdir(parents=True, exist_ok=True)
+
+    pipe, oracle = _load(args.smoke, args.device)
+    specs = shapes_prompt_specs(args.n, seed=0)
+    calib = [s.prompt for s in shapes_prompt_specs(args.calib, seed=1)]
+    setting = {k: v for k, v in vars(args).items() if k not in ("resume", "skip_random")}
+    setting["scheduler"] = type(pipe.scheduler).__name__
+    from diffkit.pruning import fingerprint
+
+    payload = dict(benchmark="pruning_quality", setting=setting, environment=environment(), results=[],
+                   model=dict(fingerprint=fingerprint(pipe.unet),
+                              unet_params=sum(p.numel() for p in pipe.unet.parameters())))
+    previous = RESULTS / name
+    if args.resume and previous.is_file() and (work / "baseline.npz").is_file():
+        old = json.loads(previous.read_text())
+        if old.get("setting") == setting:
+            payload["results"] = old["results"]
+    done = {(r["target"], r["masks"]) for r in payload["results"]}
+
+    # 1. learn the masks (resumes from its checkpoint)
+    eval_scheduler = pipe.scheduler
+    if type(eval_scheduler).__name__ not in SINGLE_STEP_SCHEDULERS:
+        from diffusers import DDIMScheduler
+
+        pipe.scheduler = DDIMScheduler.from_config(eval_scheduler.config)
+    cfg = MaskLearningConfig(num_inference_steps=args.learn_steps, guidance_scale=args.guidance_scale,
+                             epochs=args.epochs, beta=args.beta, lr=args.lr)
+    t0 = time.perf_counter()
+    learned = learn_masks(pipe, calib, cfg, checkpoint_dir=work / "learn", progress=not args.smoke)
+    payload["learning"] = dict(seconds_this_run=time.perf_counter() - t0, steps=learned.steps_done,
+                               final=learned.history[-1] if learned.history else None, config=cfg.to_json())
+    pipe.scheduler = eval_scheduler
+    pipe.to(args.device)
+    units = find_units(pipe.unet)
+
+    # 2. unpruned images
+    call = dict(seeds=(0,), batch_size=args.batch_size, num_inference_steps=args.steps,
+                guidance_scale=args.guidance_scale, progress=not args.smoke)
+    if (0.0, "none") in done:
+        z = np.load(work / "baseline.npz")
+        base_images, base_features = z["images"], z["features"]
+    else:
+        t0 = time.perf_counter()
+        base = evaluate_concepts(pipe, oracle, specs, desc="unpruned", **call)
+        base_images, base_features = base.images, np.asarray(base.features)
+        np.savez_compressed(work / "baseline.npz", images=base_images, features=base_features)
+        payload["results"].append(dict(target=0.0, masks="none", accuracy=base.accuracy,
+                                       mean_accuracy=_mean(base.accuracy), delta_points=0.0, kid=0.0,
+                                       psnr_db=float("inf"), param_reduction=0.0, mac_reduction=0.0,
+                                       seconds=time.perf_counter() - t0))
+        write_json(name, payload)
+    base_acc = next(r for r in payload["results"] if r["masks"] == "none")["mean_accuracy"]
+
+    # 3. pruned models: learned masks, and random masks at the same parameter target
+    gen = torch.Generator().manual_seed(0)
+    random_scores = {u.name: torch.rand(u.size, generator=gen) for u in units}
+    for target in TARGETS:
+        kept_learned = binarize(learned.logits, units, target_reduction=target, unet=pipe.unet)
+        for masks in ("learned",) if args.skip_random else ("learned", "random"):
+            if (target, masks) in done:
+                continue
+            kept = kept_learned if masks == "learned" else binarize(random_scores, units, target_reduction=target,
+                                                                     unet=pipe.unet)
+            spec_dir = work / f"spec_{masks}_{int(round(target * 100))}"
+            spec = save_pruning(spec_dir, pipe.unet, kept, config={"method": "ecodiff", "target": target,
+                                                                   "masks": masks})
+            pipe.load_pruning(spec_dir)
+            t0 = time.perf_counter()
+            res = evaluate_concepts(pipe, oracle, specs, desc=f"{masks} -{int(target * 100)}%", **call)
+            pipe.unload_pruning()
+            acc = _mean(res.accuracy)
+            kid_mean, kid_std = kid(base_features, np.asarray(res.features), subset_size=min(1000, args.n))
+            payload["results"].append(dict(
+                target=target, masks=masks, accuracy=res.accuracy, mean_accuracy=acc,
+                delta_points=100 * (acc - base_acc), kid=kid_mean, kid_std=kid_std,
+                psnr_db=mean_psnr(base_images, res.images), param_reduction=spec.stats["param_reduction"],
+                mac_reduction=spec.stats["mac_reduction"], kept_fraction=kept_fractions(kept, units),
+                seconds=time.perf_counter() - t0))
+            write_json(name, payload)
+    row20 = next(r for r in payload["results"] if r["target"] == 0.2 and r["masks"] == "learned")
+    payload["target_met"] = abs(row20["delta_points"]) <= 3.0
+    write_json(name, payload)
+    print_table([{k: r[k] for k in ("target", "masks", "param_reduction", "mac_reduction", "mean_accuracy",
+                                    "delta_points", "kid", "psnr_db")} for r in payload["results"]])
+    print(f"20% target (accuracy within 3 points): {'met' if payload['target_met'] else 'NOT met'}")
+    print(f"wrote {RESULTS / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
