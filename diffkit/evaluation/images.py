@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 VALUE_RANGES = ((0, 1), (-1, 1))
-# Float images slightly outside their range (decoder overshoot, rounding) are clipped; anything beyond
-# this tolerance means the caller stated the wrong range (e.g. 0..255 floats) and is an error.
-RANGE_TOLERANCE = 1e-3
+# Float images slightly outside their range (an unclamped VAE decode overshoots by a few percent) are
+# clipped; anything beyond this tolerance means the caller stated the wrong range (e.g. 0..255 floats).
+RANGE_TOLERANCE = 0.1
 
 
 def _is_pil(x) -> bool:

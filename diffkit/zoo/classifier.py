@@ -37,7 +37,7 @@ class ClassifierConfig:
 
     factors: dict[str, tuple[str, ...]]
     image_size: int = 64
-    channels: tuple[int, ...] = (32, 48, 96, 128, 128)
+    channels: tuple[int, ...] = (16, 32, 48, 96, 128, 128)
     feature_dim: int = 128
     #: Training record (seed, steps, time, measured accuracy); informational only.
     train: dict = field(default_factory=dict)
@@ -48,9 +48,11 @@ class ClassifierConfig:
         for name, labels in self.factors.items():
             if len(labels) < 2 or len(set(labels)) != len(labels):
                 raise ValueError(f"factor {name!r} needs at least 2 distinct labels, got {labels!r}")
-        if self.image_size < 16 or self.image_size % 2 ** (len(self.channels) - 1):
-            raise ValueError(f"image_size must be >= 16 and divisible by {2 ** (len(self.channels) - 1)}, "
-                             f"got {self.image_size}")
+        if len(self.channels) < 3:
+            raise ValueError(f"channels needs at least 3 layers, got {self.channels}")
+        factor = 2 ** (len(self.channels) - 2)
+        if self.image_size < 16 or self.image_size % factor:
+            raise ValueError(f"image_size must be >= 16 and divisible by {factor}, got {self.image_size}")
         if self.feature_dim < 1 or any(c < 1 for c in self.channels):
             raise ValueError(f"channels and feature_dim must be positive, got {self.channels}, {self.feature_dim}")
 
@@ -69,7 +71,7 @@ class ClassifierConfig:
         return cls(
             factors={k: tuple(v) for k, v in d["factors"].items()},
             image_size=int(d.get("image_size", 64)),
-            channels=tuple(d.get("channels", (32, 48, 96, 128, 128))),
+            channels=tuple(d.get("channels", (16, 32, 48, 96, 128, 128))),
             feature_dim=int(d.get("feature_dim", 128)),
             train=dict(d.get("train", {})),
         )
@@ -84,26 +86,27 @@ class Classification:
     probs: dict[str, torch.Tensor]  # (N, K) softmax probabilities
 
 
-def _block(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
 
 
 class ShapesClassifier(nn.Module):
-    """Conv-BN-ReLU blocks with 2x max-pooling between them, global average pooling, a shared
-    ``feature_dim`` embedding (the KID / FID features) and one linear head per factor."""
+    """A small CNN: a thin full-resolution layer (stripes and dots are 4 px wide), a stride-2 layer, then
+    conv-BN-ReLU blocks with 2x max-pooling between them (64 px -> 4 x 4); global average and max pooling,
+    a shared ``feature_dim`` embedding (the KID / FID features) and one linear head per factor."""
 
     def __init__(self, config: ClassifierConfig):
         super().__init__()
         self.config = config
-        layers: list[nn.Module] = []
-        c_in = 3
-        for i, c in enumerate(config.channels):
-            if i:
+        c = config.channels
+        layers: list[nn.Module] = [_block(3, c[0]), _block(c[0], c[1], stride=2)]
+        for i in range(2, len(c)):
+            if i > 2:
                 layers.append(nn.MaxPool2d(2))
-            layers.append(_block(c_in, c))
-            c_in = c
+            layers.append(_block(c[i - 1], c[i]))
         self.trunk = nn.Sequential(*layers)
-        self.embed = nn.Sequential(nn.Linear(c_in, config.feature_dim), nn.ReLU(inplace=True))
+        self.embed = nn.Sequential(nn.Linear(2 * c[-1], config.feature_dim), nn.ReLU(inplace=True))
         self.heads = nn.ModuleDict({f: nn.Linear(config.feature_dim, len(v)) for f, v in config.factors.items()})
 
     @property
@@ -114,7 +117,8 @@ class ShapesClassifier(nn.Module):
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) float in [0, 1] -> (N, feature_dim) penultimate features."""
         h = self.trunk((x - 0.5) / 0.25)
-        return self.embed(h.mean(dim=(2, 3)))
+        # max pooling keeps small, local evidence (a few dots, a thin outline) that averaging would dilute
+        return self.embed(torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """(N, 3, S, S) float in [0, 1] -> factor -> logits (N, K)."""
@@ -161,14 +165,16 @@ def save_classifier(model: ShapesClassifier, directory: str | Path) -> Path:
     os.close(fd)
     try:
         save_file(state, tmp, metadata={"format": "pt", "model": "diffkit.zoo.classifier.ShapesClassifier"})
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; package data must be world-readable
         os.replace(tmp, directory / WEIGHTS_NAME)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".json.tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(model.config.to_json(), f, indent=2, sort_keys=True)
+        json.dump(model.config.to_json(), f, indent=2)  # key order = factor order
         f.write("\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, directory / CONFIG_NAME)
     return directory
 
