@@ -70,9 +70,10 @@ def load_pipeline(model: str | None, device: str = "cpu", dtype=None):
     else:
         if not Path(model).exists() and (model.startswith((".", "/", "~")) or model.count("/") != 1):
             raise CLIError(f"model path {model!r} does not exist")
-        kw = {"dtype": dtype} if dtype is not None else {}
+        # An explicit dtype for every component: transformers 5 otherwise keeps each text encoder's
+        # saved dtype while diffusers loads the rest in float32.
         try:
-            pipe = diffkit.DiffusionPipeline.from_pretrained(model, **kw)
+            pipe = diffkit.DiffusionPipeline.from_pretrained(model, dtype=dtype or torch.float32)
         except (OSError, ValueError) as e:
             raise CLIError(f"could not load model {model!r}: {str(e).splitlines()[0]}") from None
     if dtype is not None and dtype != torch.float32:

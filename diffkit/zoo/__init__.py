@@ -1,6 +1,8 @@
 """Offline models: tiny SD-architecture pipelines, full-size U-Net architectures, the reference model."""
 
+from .classifier import load_reference_classifier
 from .full import build_full_pipeline, build_full_unet, count_parameters, full_unet_config
+from .reference import load_reference_pipeline, reference_path
 from .tiny import FAMILIES, build_tiny_pipeline, save_tiny_pipeline, tiny_unet_config
 from .tokenizer import build_clip_tokenizer
 
@@ -12,6 +14,9 @@ __all__ = [
     "build_tiny_pipeline",
     "count_parameters",
     "full_unet_config",
+    "load_reference_classifier",
+    "load_reference_pipeline",
+    "reference_path",
     "save_tiny_pipeline",
     "tiny_unet_config",
 ]

@@ -48,7 +48,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "triangle": ("triangle", "trigon", "three sided shape", "wedge"),
     "star": ("star", "five pointed star", "starlet", "pentagram"),
     "heart": ("heart", "love heart", "love symbol", "valentine"),
-    "cross": ("cross", "plus sign", "cruciform", "plus"),
+    "cross": ("cross", "cruciform", "crux", "plus"),
     "hexagon": ("hexagon", "hex", "six sided shape", "honeycomb"),
     "moon": ("moon", "half moon", "lunar crescent", "sickle"),
     # colors

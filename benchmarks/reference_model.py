@@ -1,0 +1,146 @@
+"""Quality bar of the shipped reference model, read by the oracle classifier.
+
+    python benchmarks/reference_model.py            # 512 held-out + 256 synonym-only images, DDIM 25, CFG 7.5
+    python benchmarks/reference_model.py --smoke    # a few images, to check the script
+
+Held-out prompts name an (object, color, style) triple the diffusion model never saw in training
+(``diffkit.zoo.shapes.HELDOUT``); synonym-only prompts name object and color by their evaluation-only
+synonyms ("a scarlet pentagram"). Each image has its own seed. Writes
+benchmarks/results/reference_model.json and the sample grid docs/images/reference_grid.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+
+from diffkit.evaluation import classify_specs, generate_images, shapes_prompt_specs
+from diffkit.zoo import load_reference_pipeline, reference_path
+from diffkit.zoo.classifier import load_reference_classifier
+from diffkit.zoo.shapes import COLORS, OBJECTS, STYLES, prompt_for
+
+ROOT = Path(__file__).resolve().parents[1]
+BAR = {"heldout": {"object": 0.90, "color": 0.90, "style": 0.80}, "synonyms": {"object": 0.85, "color": 0.85}}
+
+
+def _display(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _time_generation(pipe, steps: int, repeats: int = 3) -> float:
+    """Median seconds for one 64x64 image (batch 1, CFG), after a warm-up call."""
+    pipe("a red star", num_inference_steps=steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(0))
+    times = []
+    for i in range(repeats):
+        t = time.perf_counter()
+        pipe("a blue dotted moon", num_inference_steps=steps, guidance_scale=7.5,
+             generator=torch.Generator().manual_seed(i))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def sample_grid(pipe, path: Path, steps: int) -> None:
+    """One row per object, one column per color (style cycling), each from its own seed."""
+    prompts, seeds = [], []
+    for i, obj in enumerate(OBJECTS):
+        for j, color in enumerate(COLORS):
+            prompts.append(prompt_for(object=obj, color=color, style=STYLES[(i + j) % len(STYLES)]))
+            seeds.append(1000 + 8 * i + j)
+    imgs = generate_images(pipe, prompts, seeds, batch_size=16, progress=False, num_inference_steps=steps,
+                           guidance_scale=7.5)
+    n = len(COLORS)
+    rows = [np.concatenate(list(imgs[r * n : (r + 1) * n]), 1) for r in range(len(OBJECTS))]
+    grid = np.concatenate(rows, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a 256-colour palette keeps the committed PNG under 300 KB (these images have few colours)
+    Image.fromarray(grid).quantize(256).save(path, optimize=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--heldout", type=int, default=512, help="held-out images")
+    p.add_argument("--synonyms", type=int, default=256, help="synonym-only images")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--smoke", action="store_true", help="8 + 8 images, no grid: checks the script")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reference_model.json")
+    p.add_argument("--grid", type=Path, default=ROOT / "docs" / "images" / "reference_grid.png")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    if a.smoke:
+        a.heldout, a.synonyms, a.steps = 8, 8, 5
+        a.out = a.out.with_name("reference_model_smoke.json")
+
+    t = time.perf_counter()
+    pipe = load_reference_pipeline()
+    load_seconds = time.perf_counter() - t
+    clf = load_reference_classifier()
+    call = dict(num_inference_steps=a.steps, guidance_scale=a.guidance_scale)
+
+    sets = {
+        "heldout": shapes_prompt_specs(a.heldout, seed=0, heldout_only=True, words="canonical",
+                                       factors=("object", "color", "style")),
+        "synonyms": shapes_prompt_specs(a.synonyms, seed=1, words="eval_only", factors=("object", "color")),
+    }
+    results = {}
+    t = time.perf_counter()
+    for offset, (name, specs) in enumerate(sets.items()):
+        seeds = [100_000 * offset + i for i in range(len(specs))]
+        images = generate_images(pipe, [s.prompt for s in specs], seeds, batch_size=a.batch_size, desc=name, **call)
+        res = classify_specs(clf, images, specs)
+        results[name] = {"n_images": len(specs), "accuracy": res.accuracy, "examples": [s.prompt for s in specs[:4]]}
+    gen_seconds = time.perf_counter() - t
+    per_image = _time_generation(pipe, a.steps)
+    if not a.smoke:
+        sample_grid(pipe, a.grid, a.steps)
+
+    training = json.loads((reference_path() / "training.json").read_text())
+    passed = {name: {f: results[name]["accuracy"][f] >= bar for f, bar in bars.items()} for name, bars in BAR.items()}
+    report = {
+        "model": _display(reference_path()),
+        "sampler": {"scheduler": "DDIMScheduler", "steps": a.steps, "guidance_scale": a.guidance_scale},
+        "results": results,
+        "bar": BAR,
+        "passed": passed,
+        "load_seconds": round(load_seconds, 3),
+        "seconds_per_image_batch1": round(per_image, 3),
+        "generation_seconds_total": round(gen_seconds, 1),
+        "training": {
+            "device": training.get("device"),
+            "vae_seconds": training.get("vae", {}).get("train_seconds"),
+            "unet_seconds": training.get("unet_seconds"),
+            "unet_cpu_seconds": training.get("unet_cpu_seconds"),
+            "unet_steps": training.get("steps"),
+            "threads": training.get("threads"),
+        },
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
+                     "transformers": transformers.__version__},
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'set':<10} {'n':>5} " + " ".join(f"{f:>8}" for f in ("object", "color", "style", "background")))
+    for name, r in results.items():
+        acc = r["accuracy"]
+        cells = [f"{acc[f]:>8.3f}" if f in acc else f"{'-':>8}" for f in ("object", "color", "style", "background")]
+        print(f"{name:<10} {r['n_images']:>5} " + " ".join(cells))
+    print(f"load {load_seconds:.2f} s, {per_image:.2f} s/image (batch 1, {a.steps} steps); wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
