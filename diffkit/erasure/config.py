@@ -39,8 +39,8 @@ def _as_prompts(value, name: str, allow_empty: bool) -> tuple[str, ...]:
 def _check_range(name: str, value, lo=None, hi=None, lo_open=False, integer=False, allowed: str = "") -> None:
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind) or (not integer and not math.isfinite(value)):
-        want = "an integer" if integer else "a finite number"
-        raise ValueError(f"{name} must be {want} {allowed}, got {value!r}".replace("  ", " "))
+        want = allowed if integer else f"a finite number {allowed}"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
     if bad:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
@@ -64,6 +64,8 @@ class ErasureConfig:
         SalUn's forget/retain images; num_images: size of SalUn's forget and retain image sets.
     resolution: image side in pixels (default: the U-Net's native size).
     checkpoint_every: steps between checkpoints; mixed_precision / gradient_checkpointing: accelerate.
+    preserve_gradient: concept-preserving gradient surgery (``diffkit.erasure.surgery``) on the method's
+        unlearning gradient against a preservation gradient on retain prompts; None = the method's default.
     options: method-specific extras (validated by the method; for methods added later).
     """
 
@@ -87,10 +89,11 @@ class ErasureConfig:
     checkpoint_every: int = 50
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    preserve_gradient: bool | None = None
     options: Mapping = field(default_factory=dict)
 
     def __post_init__(self):
-        from .methods import get_method
+        from .method import get_method
 
         method = get_method(self.method)  # raises for an unknown method
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -112,7 +115,7 @@ class ErasureConfig:
         _check_range("beta", self.beta, lo=0, allowed=">= 0")
         _check_range("saliency_fraction", self.saliency_fraction, lo=0, hi=1, lo_open=True, allowed="in (0, 1]")
         _check_range("mask_guidance", self.mask_guidance, lo=0, allowed=">= 0")
-        _check_range("sample_steps", self.sample_steps, lo=1, hi=1000, integer=True, allowed="in [1, 1000]")
+        _check_range("sample_steps", self.sample_steps, lo=1, hi=1000, integer=True, allowed="an integer in [1, 1000]")
         _check_range("sample_guidance", self.sample_guidance, lo=0, allowed=">= 0")
         _check_range("num_images", self.num_images, lo=1, integer=True, allowed="an integer >= 1")
         if self.resolution is not None:
@@ -120,6 +123,10 @@ class ErasureConfig:
         _check_range("checkpoint_every", self.checkpoint_every, lo=1, integer=True, allowed="an integer >= 1")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.preserve_gradient is None:
+            set_("preserve_gradient", False)
+        if not isinstance(self.preserve_gradient, bool):
+            raise ValueError(f"preserve_gradient must be true or false, got {self.preserve_gradient!r}")
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
         if not isinstance(self.options, Mapping):
@@ -181,6 +188,8 @@ class ErasureConfig:
         """Hash of everything that determines the trained weights (not the checkpoint interval)."""
         d = self.to_dict()
         d.pop("checkpoint_every")
+        if not d["preserve_gradient"]:
+            d.pop("preserve_gradient")  # jobs from before the option keep their hash
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

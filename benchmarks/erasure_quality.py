@@ -1,0 +1,250 @@
+"""Erasure quality on the reference model: ESD and SalUn erasing one object, one color and one style.
+
+For each (concept, method): train with the engine (the job's concept list is the concept's forget
+words, ``diffkit.zoo.shapes.forget_words``; its evaluation-only synonym is never shown), then measure
+with the oracle (``diffkit.evaluation.erasure_report``):
+
+* UA on forget-word prompts and UA on evaluation-only-synonym prompts (share of images *not* showing
+  the concept), IRA (other concepts of the same factor still generated), CRA (other factors intact),
+  KID of the erased model's retain images against the original's (oracle features);
+* ASR of the soft-prompt attack (``diffkit.erasure.attack``) on forget prompts, judged by the oracle;
+* wall time of the erasure, the artifact's size, the process's peak RSS (cumulative over the run, CPU) and the exact
+  training-state bytes (trained weights, their gradients, Adam's two moments, the frozen copy ESD keeps,
+  SalUn's mask).
+
+ESD uses anchor "" (the paper's equation) and eta 1; SalUn maps the concept to the next concept of the
+same factor (the reference code's "next class" substitute) with beta 0.5 on retain prompts of the
+other concepts. Targets (issue 6): UA >= 95% on forget words; SalUn's IRA and CRA at least ESD's.
+
+    python benchmarks/erasure_quality.py              # reference model -> results/erasure_quality.json + grid
+    python benchmarks/erasure_quality.py --smoke      # tiny random pipeline + untrained oracle: logic only
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, print_table, write_json  # noqa: E402
+
+from diffkit.erasure import ErasureConfig, erase, make_accelerator, read_sidecar  # noqa: E402
+from diffkit.erasure.attack import AttackConfig, attack_success_rate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = ROOT / "docs" / "images" / "erasure_grid.png"
+DEFAULT_CONCEPTS = ("star", "red", "striped")
+
+
+def load_models(smoke: bool, model: str | None = None, classifier: str | None = None):
+    """(original, to-be-erased, oracle): two copies of the pipeline so the original stays untouched."""
+    if model is not None:
+        import diffkit
+        from diffkit.zoo.classifier import load_classifier, load_reference_classifier
+
+        pipes = [diffkit.DiffusionPipeline.from_pretrained(model) for _ in range(2)]
+        oracle = load_classifier(classifier) if classifier else load_reference_classifier()
+    elif smoke:
+        import diffkit
+        from diffkit.zoo import build_tiny_pipeline
+        from diffkit.zoo.classifier import ClassifierConfig, ShapesClassifier
+        from diffkit.zoo.shapes import FACTORS, vocabulary
+
+        pipes = [diffkit.to_diffkit(build_tiny_pipeline("sd15", words=vocabulary())) for _ in range(2)]
+        torch.manual_seed(0)
+        oracle = ShapesClassifier(ClassifierConfig(factors=dict(FACTORS))).eval()
+    else:
+        from diffkit.zoo import load_reference_classifier, load_reference_pipeline
+
+        pipes = [load_reference_pipeline() for _ in range(2)]
+        oracle = load_reference_classifier()
+    for p in pipes:
+        p.set_progress_bar_config(disable=True)
+    return pipes[0], pipes[1], oracle
+
+
+def job_config(method: str, concept: str, args) -> ErasureConfig:
+    from diffkit.evaluation import shapes_erasure_prompts
+    from diffkit.zoo.shapes import FACTORS, factor_of, forget_words
+
+    factor = factor_of(concept)
+    # Each forget word bare (as ESD's reference jobs) and in the training captions' context
+    # ("a <word>" for objects, "a <word> shape" when the object is left unsaid).
+    words = [p for w in forget_words(concept) for p in (w, f"a {w}" if factor == "object" else f"a {w} shape")]
+    if method == "esd":
+        return ErasureConfig(method="esd", concept=words, anchor="", eta=1.0, steps=args.esd_steps,
+                             lr=args.esd_lr, batch_size=1, sample_steps=args.sample_steps, seed=0)
+    rivals = FACTORS[factor_of(concept)]
+    substitute = rivals[(rivals.index(concept) + 1) % len(rivals)]
+    retain = [s.prompt for s in shapes_erasure_prompts(concept, n=8, seed=1)["retain"]]  # not the eval prompts
+    return ErasureConfig(method="salun", concept=words, anchor=substitute, retain_prompts=retain,
+                         steps=args.salun_steps, lr=args.salun_lr, batch_size=args.salun_batch,
+                         num_images=args.salun_images, sample_steps=args.sample_steps, beta=0.5, seed=0)
+
+
+def training_state_bytes(metrics: dict, method: str) -> int:
+    """Exact bytes the training adds for its trained weights (float32): grad + 2 Adam moments
+    (+ ESD's frozen copy; + SalUn's bool mask per candidate weight)."""
+    n = metrics["trained_weights"]
+    extra = n * 4 if method == "esd" else metrics.get("candidate_weights", 0)
+    return n * 4 * 3 + extra
+
+
+@torch.no_grad()
+def concept_latents(pipe, prompts, seeds, steps: int, guidance: float) -> torch.Tensor:
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(list(prompts), generator=gens, num_inference_steps=steps, guidance_scale=guidance,
+                output_type="latent").images.float()
+
+
+@torch.no_grad()
+def images(pipe, prompts, seed: int, steps: int, guidance: float) -> np.ndarray:
+    gens = [torch.Generator().manual_seed(seed) for _ in prompts]
+    out = pipe(list(prompts), generator=gens, num_inference_steps=steps, guidance_scale=guidance, output_type="np")
+    return (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def save_grid(cells: list[list[np.ndarray]], row_labels, col_labels, path: Path, scale: int = 2) -> int:
+    """Rows x columns of images with labels, as an optimised PNG; returns its size in bytes."""
+    from PIL import Image, ImageDraw
+
+    h, w = cells[0][0].shape[:2]
+    h, w = h * scale, w * scale
+    left, top = 120, 28
+    canvas = Image.new("RGB", (left + w * len(col_labels), top + h * len(row_labels)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, label in enumerate(col_labels):
+        draw.text((left + j * w + 4, 8), label, fill=(0, 0, 0))
+    for i, label in enumerate(row_labels):
+        draw.text((4, top + i * h + h // 2 - 12), label, fill=(0, 0, 0))
+        for j, img in enumerate(cells[i]):
+            tile = Image.fromarray(img).resize((w, h), Image.NEAREST)
+            canvas.paste(tile, (left + j * w, top + i * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    canvas.save(tmp, format="PNG", optimize=True)
+    if tmp.stat().st_size > 300_000:  # the README budget: fall back to a 256-colour palette
+        canvas.quantize(256).save(tmp, format="PNG", optimize=True)
+    tmp.replace(path)
+    return path.stat().st_size
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The README table (percentages for accuracies and ASR)."""
+    head = "| concept | method | UA forget | UA synonym | IRA | CRA | KID | ASR (pre-attack) | train s | artifact KiB |"
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['concept']} ({r['factor']}) | {r['method']} | {100 * r['ua']:.0f}% | "
+                     f"{100 * r['ua_synonyms']:.0f}% | {100 * r['ira']:.0f}% | {100 * r['cra']:.0f}% | "
+                     f"{r['kid']:.4f} | {100 * r['asr']:.0f}% ({100 * r['pre_attack']:.0f}%) | {r['train_s']:.0f} | "
+                     f"{r['storage_kib']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny random pipeline and untrained oracle (logic check)")
+    ap.add_argument("--model", default=None, help="pipeline folder instead of the shipped reference model")
+    ap.add_argument("--classifier", default=None, help="oracle folder instead of the shipped one")
+    ap.add_argument("--tag", default="", help="suffix of the result file name (erasure_quality<tag>.json)")
+    ap.add_argument("--note", default="", help="free text stored with the results (e.g. which checkpoint)")
+    ap.add_argument("--concepts", nargs="+", default=list(DEFAULT_CONCEPTS), help="canonical shapes words")
+    ap.add_argument("--methods", nargs="+", default=["esd", "salun"])
+    ap.add_argument("--esd-steps", type=int, default=300)
+    ap.add_argument("--esd-lr", type=float, default=5e-4)
+    ap.add_argument("--salun-steps", type=int, default=100)
+    ap.add_argument("--salun-lr", type=float, default=2e-4)
+    ap.add_argument("--salun-batch", type=int, default=4)
+    ap.add_argument("--salun-images", type=int, default=16)
+    ap.add_argument("--sample-steps", type=int, default=10, help="DDIM steps of the original model's sampling")
+    ap.add_argument("--n-prompts", type=int, default=12, help="evaluation prompts per group")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--inference-steps", type=int, default=15)
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--attack-prompts", type=int, default=4)
+    ap.add_argument("--attack-steps", type=int, default=20)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.esd_steps, args.salun_steps, args.salun_images, args.salun_batch = 2, 2, 2, 2
+        args.sample_steps, args.n_prompts, args.seeds, args.inference_steps = 2, 2, [0], 2
+        args.attack_prompts, args.attack_steps = 1, 2
+    try:
+        original, erased, oracle = load_models(args.smoke, args.model, args.classifier)
+    except FileNotFoundError as e:
+        print(f"erasure_quality: the reference model is not available ({e}); nothing measured.")
+        return 3
+    from diffkit.evaluation import erasure_report, shapes_erasure_prompts
+    from diffkit.zoo.shapes import factor_of
+
+    acc = make_accelerator("no")
+    call = dict(num_inference_steps=args.inference_steps, guidance_scale=args.guidance)
+    rows, details, grid_rows, grid_labels = [], {}, [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for concept in args.concepts:
+            factor = factor_of(concept)
+            groups = shapes_erasure_prompts(concept, n=args.n_prompts, seed=0)
+            attack_prompts = [s.prompt for s in groups["forget"][: args.attack_prompts]]
+            attack_seeds = list(range(100, 100 + len(attack_prompts)))
+            targets = concept_latents(original, attack_prompts, attack_seeds, args.inference_steps, args.guidance)
+            show = [groups["forget"][0].prompt, groups["synonyms"][0].prompt, groups["retain"][0].prompt]
+            row = list(images(original, show, 0, args.inference_steps, args.guidance))
+
+            def judge(batch, factor=factor, concept=concept):
+                return [lab == concept for lab in oracle.classify(batch, value_range=(0, 1)).labels[factor]]
+
+            for method in args.methods:
+                cfg = job_config(method, concept, args)
+                t0 = time.perf_counter()
+                result = erase(erased, cfg, Path(tmp) / f"{method}-{concept}", accelerator=acc, progress=True)
+                train_s = time.perf_counter() - t0
+                m = result.sidecar["metrics"]
+                report = erasure_report(original, erased, oracle, factor, concept, groups["forget"],
+                                        groups["synonyms"], groups["retain"], seeds=args.seeds, progress=False,
+                                        **call)
+                attack = attack_success_rate(erased, attack_prompts, judge, targets,
+                                             AttackConfig(steps=args.attack_steps, guidance_scale=args.guidance,
+                                                          num_inference_steps=args.inference_steps))
+                row += list(images(erased, show, 0, args.inference_steps, args.guidance))
+                erased.unload_erasure()
+                rows.append(dict(concept=concept, factor=factor, method=method, ua=report["ua"],
+                                 ua_synonyms=report["ua_synonyms"], ira=report["ira"], cra=report["cra"],
+                                 kid=report["kid"], asr=attack.asr, pre_attack=attack.pre_attack_rate,
+                                 train_s=train_s, state_mib=training_state_bytes(m, method) / 2**20,
+                                 storage_kib=read_sidecar(result.path)["storage_bytes"] / 1024,
+                                 peak_rss_gib=m["peak_memory_bytes"] / 2**30))
+                details[f"{method}-{concept}"] = dict(report=report, attack=attack.to_dict(), config=cfg.to_dict(),
+                                                      metrics={k: v for k, v in m.items() if k != "losses"},
+                                                      loss_first=m["losses"][0], loss_last=m["losses"][-1])
+            grid_rows.append(row)
+            grid_labels.append(f"{concept} ({factor})")
+    print_table(rows)
+    print(markdown_table(rows))
+    targets_met = {}
+    for concept in args.concepts:
+        by = {r["method"]: r for r in rows if r["concept"] == concept}
+        targets_met[concept] = {f"{m}_ua_ge_95": by[m]["ua"] >= 0.95 for m in by}
+        if {"esd", "salun"} <= set(by):
+            targets_met[concept]["salun_ira_ge_esd"] = by["salun"]["ira"] >= by["esd"]["ira"]
+            targets_met[concept]["salun_cra_ge_esd"] = by["salun"]["cra"] >= by["esd"]["cra"]
+    print("targets:", targets_met)
+    cols = [f"{who}: {what}" for who in ["original", *args.methods] for what in ("forget", "synonym", "retain")]
+    grid_path = Path(tempfile.gettempdir()) / f"erasure_grid{args.tag}.png" if args.smoke or args.tag else GRID
+    grid_bytes = save_grid(grid_rows, grid_labels, cols, grid_path)
+    payload = dict(benchmark="erasure_quality", smoke=args.smoke, environment=environment(),
+                   setting={k: v for k, v in vars(args).items()}, results=rows, targets=targets_met,
+                   grid=dict(path=str(grid_path.relative_to(ROOT)) if grid_path == GRID else str(grid_path),
+                             bytes=grid_bytes, columns=cols, rows=grid_labels),
+                   details=details)
+    path = write_json(f"erasure_quality{'_smoke' if args.smoke else ''}{args.tag}.json", payload)
+    print(f"wrote {path} and {grid_path} ({grid_bytes} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

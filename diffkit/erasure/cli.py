@@ -1,0 +1,103 @@
+"""``diffkit erase`` and ``diffkit erase-batch`` (also under ``accelerate launch -m diffkit.cli ...``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+#: CLI flag (dest) -> ErasureConfig field, for flags that override the job file.
+_FIELD_FLAGS = {
+    "method": "method", "concept": "concept", "anchor": "anchor", "retain": "retain_prompts",
+    "parameters": "parameters", "steps": "steps", "lr": "lr", "batch_size": "batch_size", "seed": "seed",
+    "eta": "eta", "beta": "beta", "saliency_fraction": "saliency_fraction", "sample_steps": "sample_steps",
+    "num_images": "num_images", "resolution": "resolution", "checkpoint_every": "checkpoint_every",
+    "mixed_precision": "mixed_precision", "gradient_checkpointing": "gradient_checkpointing",
+    "preserve_gradient": "preserve_gradient",
+}
+
+
+def register(subparsers) -> None:
+    e = subparsers.add_parser(
+        "erase", help="erase a concept (ESD or SalUn) and write an erasure artifact",
+        description="Fine-tune away a concept and write an artifact (changed tensors + JSON sidecar) to --out. "
+                    "Flags override the --config job file. Re-running resumes from the last checkpoint.")
+    e.add_argument("--model", default=None, help="pipeline folder, hub id or zoo:sd15 (default: reference model)")
+    e.add_argument("--method", default=None, help="esd, salun, advunlearn or doco (default esd)")
+    e.add_argument("--concept", action="append", default=None, help="concept prompt/word to erase (repeatable)")
+    e.add_argument("--anchor", default=None, help='what the concept maps to (default "": ESD\'s equation)')
+    e.add_argument("--retain", action="append", default=None, help="retain prompt (repeatable; SalUn needs some)")
+    e.add_argument("--config", default=None, help="YAML job file with ErasureConfig fields")
+    e.add_argument("--out", required=True, help="artifact folder (also holds the checkpoint while training)")
+    e.add_argument("--parameters", default=None, help="preset: esd-x, esd-x-strict, esd-u, esd-all, unet-all, "
+                                                       "text-encoder (regex lists: in the job file)")
+    e.add_argument("--steps", type=int, default=None, help="optimisation steps (default 200)")
+    e.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-5)")
+    e.add_argument("--batch-size", type=int, default=None, help="global batch (default: esd 1, salun 8)")
+    e.add_argument("--seed", type=int, default=None, help="seed (default 0)")
+    e.add_argument("--eta", type=float, default=None, help="ESD negative guidance (default 1)")
+    e.add_argument("--beta", type=float, default=None, help="SalUn retain-loss weight (default 0.5)")
+    e.add_argument("--saliency-fraction", type=float, default=None, help="SalUn salient share (default 0.5)")
+    e.add_argument("--sample-steps", type=int, default=None, help="DDIM steps of the original model's sampling")
+    e.add_argument("--num-images", type=int, default=None, help="SalUn forget/retain images (default 8)")
+    e.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: native)")
+    e.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 50)")
+    e.add_argument("--mixed-precision", default=None, help="no, fp16 or bf16 (default no)")
+    e.add_argument("--gradient-checkpointing", action="store_true", default=None, help="trade compute for memory")
+    e.add_argument("--preserve-gradient", action=argparse.BooleanOptionalAction, default=None,
+                   help="concept-preserving gradient surgery against retain prompts (default: on for doco only)")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=run)
+
+    b = subparsers.add_parser(
+        "erase-batch", help="run many erasure jobs (concepts x methods) from a YAML file",
+        description="Run every job of a batch file; one artifact folder per job under --out. Finished jobs are "
+                    "skipped, interrupted ones resume, failing ones are reported; a summary table ends the run.")
+    b.add_argument("jobs", help="batch YAML file")
+    b.add_argument("--out", required=True, help="folder for the artifacts")
+    b.add_argument("--model", default=None, help="overrides the batch file's model")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=run_batch_command)
+
+
+def build_config(args):
+    from .config import ErasureConfig, read_yaml
+
+    data = read_yaml(args.config) if args.config else {}
+    overrides = {field: getattr(args, flag) for flag, field in _FIELD_FLAGS.items()}
+    return ErasureConfig.from_dict(data, **overrides)
+
+
+def _load(model: str | None):
+    from diffkit.cli import load_pipeline
+
+    pipe = load_pipeline(model, "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(args) -> int:
+    from .engine import erase, make_accelerator
+
+    config = build_config(args)
+    acc = make_accelerator(config.mixed_precision)
+    pipe = _load(args.model)
+    result = erase(pipe, config, Path(args.out), accelerator=acc, progress=not args.quiet)
+    if acc.is_main_process:
+        m = result.sidecar.get("metrics", {})
+        note = f", resumed at step {result.resumed_from}" if result.resumed_from else ""
+        print(f"{result.status}: {config.method} erasing {list(config.concept)} -> {result.path} "
+              f"({m.get('steps')} steps, final loss {m.get('final_loss', float('nan')):.4g}{note})")
+    return 0
+
+
+def run_batch_command(args) -> int:
+    from .batch import read_batch, run_batch, summary_table
+    from .engine import make_accelerator
+
+    model, jobs = read_batch(args.jobs)
+    acc = make_accelerator(jobs[0].config.mixed_precision)
+    pipe = _load(args.model or model)
+    outcomes = run_batch(pipe, jobs, Path(args.out), accelerator=acc, progress=not args.quiet)
+    if acc.is_main_process:
+        print(summary_table(outcomes))
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
