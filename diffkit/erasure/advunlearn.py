@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .attack import UPDATES, optimize_prefix, random_prefix
-from .esd import esd_target
+from .esd import esd_batch
 from .method import ErasureMethod, register_method
 from .surgery import all_reduce_mean, backward_reduced, embed_unwrapped
 
@@ -129,20 +129,7 @@ class AdvUnlearn(ErasureMethod):
     # --- losses -----------------------------------------------------------------------------------
     def loss(self, ctx):
         cfg = self.config
-        n = cfg.batch_size
-        which = ctx.local(ctx.randint(n, len(cfg.concept)))
-        stop = ctx.local(ctx.randint(n, cfg.sample_steps))
-        noise = ctx.local(ctx.randn(n))
-        prompts = [cfg.concept[i] for i in which.tolist()]
-        b = len(prompts)
-        x_t, t = ctx.sample(prompts, stop, noise)
-        with torch.no_grad():
-            conds = prompts + [""] * b + ([cfg.anchor] * b if cfg.anchor else [])
-            reps = len(conds) // b
-            preds = ctx.predict(x_t.repeat(reps, 1, 1, 1), t.repeat(reps), ctx.embed(conds, original=True),
-                                original=True).chunk(reps)
-            pred_c, pred_u = preds[0], preds[1]
-            target = esd_target(pred_c, pred_u, preds[2] if cfg.anchor else pred_u, cfg.eta)
+        prompts, x_t, t, pred_c, target = esd_batch(ctx, cfg)
         logs = {}
         prefix = None
         if self.steps_done >= self.warmup_steps:

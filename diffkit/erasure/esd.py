@@ -25,6 +25,30 @@ def esd_target(pred_concept: torch.Tensor, pred_uncond: torch.Tensor, pred_ancho
     return pred_anchor - eta * (pred_concept - pred_uncond)
 
 
+def esd_batch(ctx, cfg):
+    """Draw one ESD batch: concept prompts, x_t sampled by the frozen model, and the negative-guidance target.
+
+    Returns ``(prompts, x_t, t, pred_concept, target)``; the frozen model's concept prediction is returned
+    too because adversarial methods (AdvUnlearn) attack towards it. Draws come from the shared RNG for the
+    global batch, then this process takes its slice: identical for any process count.
+    """
+    n = cfg.batch_size
+    which = ctx.local(ctx.randint(n, len(cfg.concept)))
+    stop = ctx.local(ctx.randint(n, cfg.sample_steps))
+    noise = ctx.local(ctx.randn(n))
+    prompts = [cfg.concept[i] for i in which.tolist()]
+    b = len(prompts)
+    x_t, t = ctx.sample(prompts, stop, noise)
+    with torch.no_grad():
+        conds = prompts + [""] * b + ([cfg.anchor] * b if cfg.anchor else [])
+        reps = len(conds) // b
+        preds = ctx.predict(x_t.repeat(reps, 1, 1, 1), t.repeat(reps), ctx.embed(conds, original=True),
+                            original=True).chunk(reps)
+        pred_c, pred_u = preds[0], preds[1]
+        target = esd_target(pred_c, pred_u, preds[2] if cfg.anchor else pred_u, cfg.eta)
+    return prompts, x_t, t, pred_c, target
+
+
 @register_method
 class ESD(ErasureMethod):
     """ESD-x (``parameters: esd-x``, cross-attention, default) or ESD-u (``esd-u``); eta = config.eta."""
@@ -33,23 +57,7 @@ class ESD(ErasureMethod):
     defaults = {"parameters": "esd-x", "lr": 1e-5, "batch_size": 1}
 
     def loss(self, ctx):
-        cfg = self.config
-        n = cfg.batch_size
-        # Global draws from the shared RNG, then this process's slice: identical for any process count.
-        which = ctx.local(ctx.randint(n, len(cfg.concept)))
-        stop = ctx.local(ctx.randint(n, cfg.sample_steps))
-        noise = ctx.local(ctx.randn(n))
-        prompts = [cfg.concept[i] for i in which.tolist()]
-        b = len(prompts)
-        x_t, t = ctx.sample(prompts, stop, noise)
-        with torch.no_grad():
-            conds = prompts + [""] * b + ([cfg.anchor] * b if cfg.anchor else [])
-            reps = len(conds) // b
-            preds = ctx.predict(x_t.repeat(reps, 1, 1, 1), t.repeat(reps), ctx.embed(conds, original=True),
-                                original=True).chunk(reps)
-            pred_c, pred_u = preds[0], preds[1]
-            pred_a = preds[2] if cfg.anchor else pred_u
-            target = esd_target(pred_c, pred_u, pred_a, cfg.eta)
+        prompts, x_t, t, _, target = esd_batch(ctx, self.config)
         pred = ctx.predict(x_t, t, ctx.embed(prompts))
         loss = F.mse_loss(pred, target)
         return loss, {"esd_loss": float(loss.detach())}
