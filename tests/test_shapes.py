@@ -96,6 +96,27 @@ def test_sample_spec_pins_fixed_factors_and_stays_in_frame():
         sample_spec(rng, shape="moon")
 
 
+def test_sample_spec_pose_ranges():
+    rng = np.random.default_rng(0)
+    specs = [sample_spec(rng, rotation_range=(-15.0, 15.0), center_range=0.1) for _ in range(200)]
+    assert all(-15.0 <= s.rotation <= 15.0 for s in specs)
+    assert all(abs(s.x - 0.5) <= 0.1 and abs(s.y - 0.5) <= 0.1 for s in specs)
+    # a range wider than the frame allows stays in frame
+    wide = [sample_spec(rng, center_range=0.5) for _ in range(200)]
+    assert all(s.size <= s.x <= 1 - s.size for s in wide)
+    # the ranges do not change how many numbers are drawn: same seed, same factors
+    a = [sample_spec(np.random.default_rng(5)) for _ in range(3)]
+    b = [sample_spec(np.random.default_rng(5), rotation_range=(0.0, 1.0), center_range=0.0) for _ in range(3)]
+    assert [(s.object, s.color, s.style, s.background, s.size) for s in a] == [
+        (s.object, s.color, s.style, s.background, s.size) for s in b
+    ]
+    assert all(s.x == 0.5 and s.y == 0.5 and 0.0 <= s.rotation <= 1.0 for s in b)
+    with pytest.raises(ValueError, match=r"rotation_range must be \(low, high\) with low <= high, got \(10.0, -10.0\)"):
+        sample_spec(rng, rotation_range=(10.0, -10.0))
+    with pytest.raises(ValueError, match=r"center_range must be in \[0, 0.5\], got 0.7"):
+        sample_spec(rng, center_range=0.7)
+
+
 def test_spec_validation_messages():
     with pytest.raises(ValueError, match="object must be one of .* got 'blob'"):
         _with(object="blob")

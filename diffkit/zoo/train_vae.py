@@ -62,11 +62,12 @@ def build_vae(seed: int = 0) -> AutoencoderKL:
     return vae
 
 
-def training_specs(rng: np.random.Generator, n: int) -> list:
-    """``n`` random specs, none of a held-out (object, color, style) combination."""
+def training_specs(rng: np.random.Generator, n: int, **pose) -> list:
+    """``n`` random specs, none of a held-out (object, color, style) combination; ``pose`` goes to
+    ``sample_spec`` (``rotation_range``, ``center_range``)."""
     out = []
     while len(out) < n:
-        spec = sample_spec(rng)
+        spec = sample_spec(rng, **pose)
         if not is_heldout(spec):
             out.append(spec)
     return out

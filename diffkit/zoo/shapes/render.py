@@ -57,8 +57,23 @@ class ShapeSpec:
 _SPEC_FIELDS = tuple(f.name for f in fields(ShapeSpec))
 
 
-def sample_spec(rng: np.random.Generator, **fixed) -> ShapeSpec:
-    """Draw a spec: the factors in ``fixed`` are pinned, the rest (and placement) drawn from ``rng``."""
+def sample_spec(
+    rng: np.random.Generator,
+    *,
+    rotation_range: tuple[float, float] = ROTATION_RANGE,
+    center_range: float | None = None,
+    **fixed,
+) -> ShapeSpec:
+    """Draw a spec: the factors in ``fixed`` are pinned, the rest (and placement) drawn from ``rng``.
+
+    ``rotation_range`` (degrees) and ``center_range`` (largest offset of the centre from the middle, as a
+    fraction of the side; None: anywhere the object fits) narrow the placement. The number of draws from
+    ``rng`` does not depend on them, so the same seed gives the same factors whatever the ranges.
+    """
+    if rotation_range[0] > rotation_range[1]:
+        raise ValueError(f"rotation_range must be (low, high) with low <= high, got {rotation_range}")
+    if center_range is not None and not 0.0 <= center_range <= 0.5:
+        raise ValueError(f"center_range must be in [0, 0.5], got {center_range}")
     unknown = set(fixed) - set(_SPEC_FIELDS)
     if unknown:
         raise ValueError(f"unknown spec fields {sorted(unknown)}; allowed: {_SPEC_FIELDS}")
@@ -67,11 +82,13 @@ def sample_spec(rng: np.random.Generator, **fixed) -> ShapeSpec:
         values[factor] = choices[int(rng.integers(len(choices)))]
     size = float(rng.uniform(*SIZE_RANGE))
     margin = size + 0.03
+    if center_range is not None:  # never outside the frame, however wide the range asked
+        margin = max(margin, 0.5 - center_range)
     values.update(
         size=size,
         x=float(rng.uniform(margin, 1 - margin)),
         y=float(rng.uniform(margin, 1 - margin)),
-        rotation=float(rng.uniform(*ROTATION_RANGE)),
+        rotation=float(rng.uniform(*rotation_range)),
     )
     values.update(fixed)
     return ShapeSpec(**values)
