@@ -160,3 +160,21 @@ def test_encode_dataset_pose_ranges():
     assert means.shape == stds.shape == (8, 8, 16, 16)
     assert all(-15.0 <= s.rotation <= 15.0 and abs(s.x - 0.5) <= 0.08 and abs(s.y - 0.5) <= 0.08 for s in specs)
     assert not any(is_heldout(s) for s in specs)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(rotation=-5.0), r"rotation must be in \[0, 180\] degrees \(or None: the world's full range\), got -5.0"),
+        (dict(min_snr_gamma=0.0), r"min_snr_gamma must be > 0 \(or None: unweighted v loss\), got 0.0"),
+        (dict(center_range=0.9), r"center_range must be in \[0, 0.5\], got 0.9"),
+    ],
+)
+def test_train_reference_bad_settings(tmp_path, kw, message):
+    from diffkit.zoo.train_reference import train_reference
+    from diffkit.zoo.train_vae import train_vae
+
+    if "center_range" in kw:  # checked where the renders are drawn, after the VAE loads
+        train_vae(tmp_path, steps=1, batch=2, crop=16)
+    with pytest.raises(ValueError, match=message):
+        train_reference(tmp_path, steps=1, batch=2, images=2, **kw)

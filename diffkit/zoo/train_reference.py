@@ -172,6 +172,10 @@ def train_reference(
     ``stop_at`` ends the run after that step (checkpointed) and exports the model as it is then; rerunning
     with a later ``stop_at`` (or none) resumes the same schedule.
     """
+    if rotation is not None and not 0.0 <= rotation <= 180.0:
+        raise ValueError(f"rotation must be in [0, 180] degrees (or None: the world's full range), got {rotation}")
+    if min_snr_gamma is not None and min_snr_gamma <= 0:
+        raise ValueError(f"min_snr_gamma must be > 0 (or None: unweighted v loss), got {min_snr_gamma}")
     out = Path(out)
     vae = AutoencoderKL.from_pretrained(vae_path or out / "vae").eval().requires_grad_(False)
     tokenizer = build_tokenizer()
@@ -218,7 +222,7 @@ def train_reference(
         noisy = noise_sched.add_noise(z, noise, t.to(device))
         cond = text_encoder(ids.input_ids.to(device))[0]
         pred = unet(noisy, t.to(device), cond).sample
-        w = (min_snr_weights(noise_sched, t, min_snr_gamma) if min_snr_gamma else torch.ones(batch)).to(device)
+        w = (torch.ones(batch) if min_snr_gamma is None else min_snr_weights(noise_sched, t, min_snr_gamma)).to(device)
         target = noise_sched.get_velocity(z, noise, t.to(device))  # v = sqrt(abar) eps - sqrt(1 - abar) x0
         loss = (w * F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
