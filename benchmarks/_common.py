@@ -25,6 +25,39 @@ def environment() -> dict:
                 date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
+def sd15_for_timing(ap, smoke: bool):
+    """(pipeline, device, dtype, size) of the GPU timing benchmarks: the full-size SD1.5 architecture (random
+    weights) in fp16 at 512 px on CUDA, or with ``smoke`` the tiny SD1.5 on CPU in float32 at 64 px (a logic
+    check). No GPU without ``smoke`` is a usage error of ``ap``."""
+    from diffkit.zoo import build_full_pipeline, build_tiny_pipeline
+
+    if smoke:
+        device, dtype, size = "cpu", torch.float32, 64
+        base = build_tiny_pipeline("sd15")
+    else:
+        if not torch.cuda.is_available():
+            ap.error("needs a CUDA GPU (use --smoke for the CPU logic check)")
+        device, dtype, size = "cuda", torch.float16, 512
+        base = build_full_pipeline("sd15", device=device, dtype=dtype)
+    base.set_progress_bar_config(disable=True)
+    return base, device, dtype, size
+
+
+def reference_models(smoke: bool, device: str):
+    """(diffkit pipeline, oracle) of the quality benchmarks: the shipped reference model, or with ``smoke``
+    the tiny random SD1.5 (a logic check: the oracle's verdict on its images means nothing)."""
+    import diffkit
+    from diffkit.zoo import build_tiny_pipeline, load_reference_classifier, load_reference_pipeline
+
+    try:
+        oracle = load_reference_classifier(device)
+        pipe = diffkit.to_diffkit(build_tiny_pipeline("sd15")).to(device) if smoke else load_reference_pipeline(device)
+    except FileNotFoundError as e:
+        raise SystemExit(f"reference model missing: {e}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, oracle
+
+
 def sync(device) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()

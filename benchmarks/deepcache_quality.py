@@ -26,58 +26,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment, print_table, write_json  # noqa: E402
+from _common import RESULTS, environment, print_table, reference_models, write_json  # noqa: E402
 
 from diffkit.evaluation import evaluate_concepts, mean_psnr, shapes_prompt_specs  # noqa: E402
 
 INTERVALS = (2, 3, 5)
 SCHEDULES = ("uniform", "non-uniform")
-
-
-def _load(smoke: bool, device: str):
-    if smoke:
-        import diffkit
-        from diffkit.zoo import build_tiny_pipeline
-        from diffkit.zoo.shapes import FACTORS
-
-        pipe = diffkit.DiffusionPipeline.from_pipe(build_tiny_pipeline("sd15"))
-        pipe.set_progress_bar_config(disable=True)
-        try:  # the real oracle when it is there; its verdict on random-weight images is meaningless anyway
-            from diffkit.zoo import load_reference_classifier
-
-            return pipe.to(device), load_reference_classifier(device)
-        except (ImportError, FileNotFoundError):
-            return pipe.to(device), _ChanceOracle(FACTORS)
-    try:
-        from diffkit.zoo import load_reference_classifier, load_reference_pipeline
-    except ImportError as e:
-        raise SystemExit(f"the reference model is not in this checkout ({e}); it comes with issue 3") from None
-    try:
-        return load_reference_pipeline(device), load_reference_classifier(device)
-    except FileNotFoundError as e:
-        raise SystemExit(f"reference model missing: {e}") from None
-
-
-class _ChanceOracle:
-    """--smoke only, when the oracle is not trained yet: labels from mean-brightness buckets, so the
-    benchmark's logic (generation, PSNR, accuracy bookkeeping, resume) runs anywhere. Not a metric."""
-
-    def __init__(self, factors):
-        self.factors = {f: sorted(v) if not isinstance(v, str) else [v] for f, v in dict(factors).items()}
-
-    def _labels(self, images):
-        m = np.asarray(images, dtype=np.float64).reshape(len(images), -1).mean(1)
-        return {f: [vals[int(x) % len(vals)] for x in m] for f, vals in self.factors.items()}
-
-    def classify(self, images):
-        from types import SimpleNamespace
-
-        return SimpleNamespace(labels=self._labels(images))
-
-    def features(self, images):
-        import torch
-
-        return torch.as_tensor(np.asarray(images, dtype=np.float32).reshape(len(images), -1)[:, :16])
 
 
 def _mean_acc(acc: dict) -> float:
@@ -102,17 +56,20 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     baseline_npz = work / name.replace(".json", "_baseline.npz")
 
-    pipe, oracle = _load(args.smoke, args.device)
+    pipe, oracle = reference_models(args.smoke, args.device)
     specs = shapes_prompt_specs(args.n, seed=0)
     call = dict(seeds=(0,), batch_size=args.batch_size, num_inference_steps=args.steps,
                 guidance_scale=args.guidance_scale, progress=not args.smoke)
     setting = dict(n_images=args.n, steps=args.steps, guidance_scale=args.guidance_scale, branch=args.branch,
                    scheduler=type(pipe.scheduler).__name__, device=args.device, smoke=args.smoke)
-    payload = dict(benchmark="deepcache_quality", setting=setting, environment=environment(), results=[])
+    from diffkit.pruning import fingerprint  # identifies the weights, so --resume never mixes two models
+
+    payload = dict(benchmark="deepcache_quality", setting=setting, model=fingerprint(pipe.unet),
+                   environment=environment(), results=[])
     previous = RESULTS / name
     if args.resume and previous.is_file() and baseline_npz.is_file():
         old = json.loads(previous.read_text())
-        if old.get("setting") == setting:
+        if old.get("setting") == setting and old.get("model") == payload["model"]:
             payload["results"] = old["results"]
     done = {r["config"] for r in payload["results"]}
 

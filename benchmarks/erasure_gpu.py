@@ -43,10 +43,11 @@ def jobs(smoke: bool, steps: int) -> dict[str, ErasureConfig]:
     }
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, *, job_factory=jobs, name: str = "erasure_gpu", description: str = __doc__) -> int:
+    """Run ``job_factory(smoke, steps)``'s jobs one after the other, each on a fresh pipeline; write ``name``.json."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny pipeline on CPU (logic check)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per method (default 10; smoke 2)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps per job (default 10; smoke 2)")
     args = ap.parse_args(argv)
     steps = args.steps or (2 if args.smoke else 10)
     if args.smoke:
@@ -55,11 +56,11 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             ap.error("needs a CUDA GPU (use --smoke for the CPU logic check)")
         device = "cuda"
-    configs = jobs(args.smoke, steps)
+    configs = job_factory(args.smoke, steps)
     acc = make_accelerator(next(iter(configs.values())).mixed_precision)
     rows, details = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, cfg in configs.items():
+        for job, cfg in configs.items():
             if args.smoke:
                 pipe = diffkit.to_diffkit(build_tiny_pipeline("sd15"))
             else:
@@ -70,23 +71,23 @@ def main(argv=None) -> int:
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            result = erase(pipe, cfg, Path(tmp) / name, accelerator=acc, progress=False)
+            result = erase(pipe, cfg, Path(tmp) / job, accelerator=acc, progress=False)
             m = result.sidecar["metrics"]
             prep = m["wall_time_s"] - m["loop_s_per_step"] * steps
-            rows.append(dict(method=name, s_per_step=m["loop_s_per_step"], prepare_s=prep,
+            rows.append(dict(method=job, s_per_step=m["loop_s_per_step"], prepare_s=prep,
                              peak_gib=m["peak_memory_bytes"] / GIB, fits_24gb=m["peak_memory_bytes"] < 24 * GIB,
                              trained_weights=m["trained_weights"],
                              artifact_mib=read_sidecar(result.path)["storage_bytes"] / 2**20))
-            details[name] = dict(metrics={k: v for k, v in m.items() if k != "losses"}, config=cfg.to_dict())
+            details[job] = dict(metrics={k: v for k, v in m.items() if k != "losses"}, config=cfg.to_dict())
             del pipe, result
     print_table(rows)
-    payload = dict(benchmark="erasure_gpu", smoke=args.smoke,
+    payload = dict(benchmark=name, smoke=args.smoke,
                    setting=dict(arch="tiny-sd15" if args.smoke else "sd15 (random weights)",
                                 precision="float32" if args.smoke else "bf16 autocast, fp32 master weights",
                                 resolution=64 if args.smoke else 512, batch=1, steps=steps,
                                 gradient_checkpointing=not args.smoke),
                    environment=environment(), results=rows, details=details)
-    path = write_json("erasure_gpu_smoke.json" if args.smoke else "erasure_gpu.json", payload)
+    path = write_json(f"{name}_smoke.json" if args.smoke else f"{name}.json", payload)
     print(f"wrote {path}")
     return 0
 

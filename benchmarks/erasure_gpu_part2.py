@@ -20,21 +20,14 @@ Figures come from the engine's metrics (``erasure.json``) measured in this run; 
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, write_json  # noqa: E402
+import erasure_gpu  # noqa: E402  (part 1: the runner, the table and the JSON)
 
-import diffkit  # noqa: E402
-from diffkit.erasure import ErasureConfig, erase, make_accelerator, read_sidecar  # noqa: E402
-from diffkit.zoo import build_tiny_pipeline  # noqa: E402
+from diffkit.erasure import ErasureConfig  # noqa: E402
 
-GIB = 1024**3
 RETAIN = ["a blue circle", "a green square", "a photo of a dog", "a house", "a tree"]
 
 
@@ -53,51 +46,7 @@ def jobs(smoke: bool, steps: int) -> dict[str, ErasureConfig]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny pipeline on CPU (logic check)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps per job (default 10; smoke 2)")
-    args = ap.parse_args(argv)
-    steps = args.steps or (2 if args.smoke else 10)
-    if args.smoke:
-        device = "cpu"
-    else:
-        if not torch.cuda.is_available():
-            ap.error("needs a CUDA GPU (use --smoke for the CPU logic check)")
-        device = "cuda"
-    configs = jobs(args.smoke, steps)
-    acc = make_accelerator(next(iter(configs.values())).mixed_precision)
-    rows, details = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, cfg in configs.items():
-            if args.smoke:
-                pipe = diffkit.to_diffkit(build_tiny_pipeline("sd15"))
-            else:
-                from diffkit.zoo.full import build_full_pipeline
-
-                pipe = diffkit.to_diffkit(build_full_pipeline("sd15", device=device))
-            pipe.set_progress_bar_config(disable=True)
-            if device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            result = erase(pipe, cfg, Path(tmp) / name, accelerator=acc, progress=False)
-            m = result.sidecar["metrics"]
-            prep = m["wall_time_s"] - m["loop_s_per_step"] * steps
-            rows.append(dict(method=name, s_per_step=m["loop_s_per_step"], prepare_s=prep,
-                             peak_gib=m["peak_memory_bytes"] / GIB, fits_24gb=m["peak_memory_bytes"] < 24 * GIB,
-                             trained_weights=m["trained_weights"],
-                             artifact_mib=read_sidecar(result.path)["storage_bytes"] / 2**20))
-            details[name] = dict(metrics={k: v for k, v in m.items() if k != "losses"}, config=cfg.to_dict())
-            del pipe, result
-    print_table(rows)
-    payload = dict(benchmark="erasure_gpu_part2", smoke=args.smoke,
-                   setting=dict(arch="tiny-sd15" if args.smoke else "sd15 (random weights)",
-                                precision="float32" if args.smoke else "bf16 autocast, fp32 master weights",
-                                resolution=64 if args.smoke else 512, batch=1, steps=steps,
-                                gradient_checkpointing=not args.smoke),
-                   environment=environment(), results=rows, details=details)
-    path = write_json("erasure_gpu_part2_smoke.json" if args.smoke else "erasure_gpu_part2.json", payload)
-    print(f"wrote {path}")
-    return 0
+    return erasure_gpu.main(argv, job_factory=jobs, name="erasure_gpu_part2", description=__doc__)
 
 
 if __name__ == "__main__":

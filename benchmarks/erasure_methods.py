@@ -24,25 +24,28 @@ within 5 points of ESD's.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, print_table, write_json  # noqa: E402
-from erasure_quality import concept_latents, images, job_config, load_models, save_grid  # noqa: E402  (part 1)
+from erasure_quality import (  # noqa: E402  (part 1)
+    job_config,
+    parse_and_load,
+    protocol_parser,
+    run_jobs,
+    save_grid,
+)
+from erasure_quality import markdown_table as part1_table  # noqa: E402
 
-from diffkit.erasure import ErasureConfig, erase, make_accelerator, read_sidecar  # noqa: E402
-from diffkit.erasure.attack import AttackConfig, attack_success_rate  # noqa: E402
+from diffkit.erasure import ErasureConfig  # noqa: E402
 
 METHODS = ("esd", "salun", "advunlearn", "doco")
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "docs" / "images" / "erasure_methods_grid.png"
-DEFAULT_CONCEPTS = ("star", "red", "striped")
 
 
 def substitute_and_retain(concept: str) -> tuple[str, list[str]]:
@@ -102,32 +105,12 @@ def check_targets(rows: list[dict], concepts) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| concept | method | UA forget | UA synonym | IRA | CRA | KID | ASR (pre-attack) | train s | "
-            "state MiB | peak RSS GiB |")
-    lines = [head, "|" + "---|" * 11]
-    for r in rows:
-        lines.append(f"| {r['concept']} ({r['factor']}) | {r['method']} | {100 * r['ua']:.0f}% | "
-                     f"{100 * r['ua_synonyms']:.0f}% | {100 * r['ira']:.0f}% | {100 * r['cra']:.0f}% | "
-                     f"{r['kid']:.4f} | {100 * r['asr']:.0f}% ({100 * r['pre_attack']:.0f}%) | {r['train_s']:.0f} | "
-                     f"{r['state_mib']:.1f} | {r['peak_rss_gib']:.2f} |")
-    return "\n".join(lines)
-
+    return part1_table(rows, tail=(("state MiB", "{state_mib:.1f}"), ("peak RSS GiB", "{peak_rss_gib:.2f}")))
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny random pipeline and untrained oracle (logic check)")
-    ap.add_argument("--model", default=None, help="pipeline folder instead of the shipped reference model")
-    ap.add_argument("--classifier", default=None, help="oracle folder instead of the shipped one")
-    ap.add_argument("--tag", default="", help="suffix of the result file name")
-    ap.add_argument("--note", default="", help="free text recorded with the results (e.g. which weights)")
-    ap.add_argument("--concepts", nargs="+", default=list(DEFAULT_CONCEPTS), help="canonical shapes words")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--esd-steps", type=int, default=30)
-    ap.add_argument("--esd-lr", type=float, default=3e-4)
-    ap.add_argument("--salun-steps", type=int, default=30)
-    ap.add_argument("--salun-lr", type=float, default=3e-4)
-    ap.add_argument("--salun-batch", type=int, default=4)
-    ap.add_argument("--salun-images", type=int, default=8)
+    # part 1's flags, with this script's defaults (the documented run passes part 1's values explicitly)
+    ap = protocol_parser(__doc__, METHODS, esd_steps=30, esd_lr=3e-4, salun_steps=30, salun_lr=3e-4, salun_images=8,
+                         n_prompts=8, seeds=[0], inference_steps=10, attack_steps=15)
     ap.add_argument("--adv-steps", type=int, default=30)
     ap.add_argument("--adv-lr", type=float, default=3e-4)
     ap.add_argument("--adv-attack", default="sign", choices=("sign", "adam"))
@@ -136,78 +119,21 @@ def main(argv=None) -> int:
     ap.add_argument("--doco-lr", type=float, default=3e-4)
     ap.add_argument("--doco-batch", type=int, default=2)
     ap.add_argument("--doco-images", type=int, default=8)
-    ap.add_argument("--sample-steps", type=int, default=10, help="DDIM steps of the original model's sampling")
-    ap.add_argument("--n-prompts", type=int, default=8, help="evaluation prompts per group")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--inference-steps", type=int, default=10)
-    ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--attack-prompts", type=int, default=4)
-    ap.add_argument("--attack-steps", type=int, default=15)
-    args = ap.parse_args(argv)
-    if args.smoke:
-        args.esd_steps = args.salun_steps = args.adv_steps = args.doco_steps = 2
-        args.salun_images, args.salun_batch, args.doco_images, args.doco_batch = 2, 2, 2, 2
-        args.sample_steps, args.n_prompts, args.seeds, args.inference_steps = 2, 2, [0], 2
-        args.attack_prompts, args.attack_steps = 1, 2
-    try:
-        original, erased, oracle = load_models(args.smoke, args.model, args.classifier)
-    except FileNotFoundError as e:
-        print(f"erasure_methods: the reference model is not available ({e}); nothing measured.")
+    args, models = parse_and_load(ap, argv, "erasure_methods")
+    if models is None:
         return 3
+    original, erased, oracle = models
     for p in (original, erased):
         p.to(dtype=torch.float32)  # a folder given by --model may hold half-precision weights
-    from diffkit.evaluation import erasure_report, shapes_erasure_prompts
-    from diffkit.zoo.shapes import factor_of
+    name = f"erasure_methods{'_smoke' if args.smoke else ''}{args.tag}.json"
 
-    acc = make_accelerator("no")
-    call = dict(num_inference_steps=args.inference_steps, guidance_scale=args.guidance)
-    rows, details, grid_rows, grid_labels = [], {}, [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for concept in args.concepts:
-            factor = factor_of(concept)
-            groups = shapes_erasure_prompts(concept, n=args.n_prompts, seed=0)
-            attack_prompts = [s.prompt for s in groups["forget"][: args.attack_prompts]]
-            attack_seeds = list(range(100, 100 + len(attack_prompts)))
-            targets = concept_latents(original, attack_prompts, attack_seeds, args.inference_steps, args.guidance)
+    def write_partial(rows, details):  # an interrupted run still leaves the figures of its finished jobs
+        write_json(name, dict(benchmark="erasure_methods", smoke=args.smoke, complete=False, environment=environment(),
+                              setting=dict(vars(args)), results=rows, targets=check_targets(rows, args.concepts),
+                              details=details))
 
-            show = [groups["forget"][0].prompt, groups["synonyms"][0].prompt, groups["retain"][0].prompt]
-            grid = list(images(original, show, 0, args.inference_steps, args.guidance))
-
-            def judge(batch, factor=factor, concept=concept):
-                return [lab == concept for lab in oracle.classify(batch, value_range=(0, 1)).labels[factor]]
-
-            for method in args.methods:
-                cfg = method_config(method, concept, args)
-                t0 = time.perf_counter()
-                result = erase(erased, cfg, Path(tmp) / f"{method}-{concept}", accelerator=acc, progress=True)
-                train_s = time.perf_counter() - t0
-                m = result.sidecar["metrics"]
-                report = erasure_report(original, erased, oracle, factor, concept, groups["forget"],
-                                        groups["synonyms"], groups["retain"], seeds=args.seeds, progress=False,
-                                        **call)
-                attack = attack_success_rate(erased, attack_prompts, judge, targets,
-                                             AttackConfig(steps=args.attack_steps, guidance_scale=args.guidance,
-                                                          num_inference_steps=args.inference_steps))
-                grid += list(images(erased, show, 0, args.inference_steps, args.guidance))
-                erased.unload_erasure()
-                row = dict(concept=concept, factor=factor, method=method, ua=report["ua"],
-                           ua_synonyms=report["ua_synonyms"], ira=report["ira"], cra=report["cra"], kid=report["kid"],
-                           asr=attack.asr, pre_attack=attack.pre_attack_rate, train_s=train_s,
-                           state_mib=training_state_bytes(m, method) / 2**20,
-                           storage_kib=read_sidecar(result.path)["storage_bytes"] / 1024,
-                           peak_rss_gib=m["peak_memory_bytes"] / 2**30)
-                rows.append(row)
-                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-                details[f"{method}-{concept}"] = dict(report=report, attack=attack.to_dict(), config=cfg.to_dict(),
-                                                      metrics={k: v for k, v in m.items() if k != "losses"},
-                                                      loss_first=m["losses"][0], loss_last=m["losses"][-1])
-                # A partial result after every job, so an interrupted run still leaves its figures.
-                write_json(f"erasure_methods{'_smoke' if args.smoke else ''}{args.tag}.json",
-                           dict(benchmark="erasure_methods", smoke=args.smoke, complete=False,
-                                environment=environment(), setting=dict(vars(args)), results=rows,
-                                targets=check_targets(rows, args.concepts), details=details))
-            grid_rows.append(grid)
-            grid_labels.append(f"{concept} ({factor})")
+    rows, details, grid_rows, grid_labels = run_jobs(args, original, erased, oracle, method_config,
+                                                     training_state_bytes, after_job=write_partial)
     print_table(rows)
     print(markdown_table(rows))
     targets_met = check_targets(rows, args.concepts)
@@ -220,7 +146,7 @@ def main(argv=None) -> int:
                    grid=dict(path=str(grid_path.relative_to(ROOT)) if grid_path == GRID else str(grid_path),
                              bytes=grid_bytes, columns=cols, rows=grid_labels),
                    details=details)
-    path = write_json(f"erasure_methods{'_smoke' if args.smoke else ''}{args.tag}.json", payload)
+    path = write_json(name, payload)
     print(f"wrote {path} and {grid_path} ({grid_bytes} bytes)")
     return 0
 

@@ -135,27 +135,18 @@ def save_grid(cells: list[list[np.ndarray]], row_labels, col_labels, path: Path,
     return path.stat().st_size
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The README table (percentages for accuracies and ASR)."""
-    head = "| concept | method | UA forget | UA synonym | IRA | CRA | KID | ASR (pre-attack) | train s | artifact KiB |"
-    lines = [head, "|" + "---|" * 10]
-    for r in rows:
-        lines.append(f"| {r['concept']} ({r['factor']}) | {r['method']} | {100 * r['ua']:.0f}% | "
-                     f"{100 * r['ua_synonyms']:.0f}% | {100 * r['ira']:.0f}% | {100 * r['cra']:.0f}% | "
-                     f"{r['kid']:.4f} | {100 * r['asr']:.0f}% ({100 * r['pre_attack']:.0f}%) | {r['train_s']:.0f} | "
-                     f"{r['storage_kib']:.0f} |")
-    return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def protocol_parser(doc: str, methods, **defaults) -> argparse.ArgumentParser:
+    """The flags both erasure benchmarks share: models, concepts, ESD / SalUn training, evaluation and attack
+    (``defaults`` overrides any of them by its dest name, e.g. ``esd_steps=30``); ``--methods`` chooses from
+    ``methods``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny random pipeline and untrained oracle (logic check)")
     ap.add_argument("--model", default=None, help="pipeline folder instead of the shipped reference model")
     ap.add_argument("--classifier", default=None, help="oracle folder instead of the shipped one")
-    ap.add_argument("--tag", default="", help="suffix of the result file name (erasure_quality<tag>.json)")
-    ap.add_argument("--note", default="", help="free text stored with the results (e.g. which checkpoint)")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--note", default="", help="free text stored with the results (e.g. which weights)")
     ap.add_argument("--concepts", nargs="+", default=list(DEFAULT_CONCEPTS), help="canonical shapes words")
-    ap.add_argument("--methods", nargs="+", default=["esd", "salun"])
+    ap.add_argument("--methods", nargs="+", default=list(methods), choices=methods)
     ap.add_argument("--esd-steps", type=int, default=300)
     ap.add_argument("--esd-lr", type=float, default=5e-4)
     ap.add_argument("--salun-steps", type=int, default=100)
@@ -169,16 +160,40 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--attack-prompts", type=int, default=4)
     ap.add_argument("--attack-steps", type=int, default=20)
+    ap.set_defaults(**defaults)
+    return ap
+
+
+def smoke_settings(args) -> None:
+    """Two of everything: enough to run every code path of a benchmark in seconds."""
+    for name in ("esd_steps", "salun_steps", "adv_steps", "doco_steps", "salun_images", "salun_batch",
+                 "doco_images", "doco_batch", "sample_steps", "n_prompts", "inference_steps", "attack_steps"):
+        if hasattr(args, name):
+            setattr(args, name, 2)
+    args.seeds, args.attack_prompts = [0], 1
+
+
+def parse_and_load(ap, argv, script: str):
+    """Parse the flags (``--smoke`` shrinks every setting) and load (original, to-be-erased, oracle); the models
+    are None, after a message, when the reference model is not available."""
     args = ap.parse_args(argv)
     if args.smoke:
-        args.esd_steps, args.salun_steps, args.salun_images, args.salun_batch = 2, 2, 2, 2
-        args.sample_steps, args.n_prompts, args.seeds, args.inference_steps = 2, 2, [0], 2
-        args.attack_prompts, args.attack_steps = 1, 2
+        smoke_settings(args)
     try:
-        original, erased, oracle = load_models(args.smoke, args.model, args.classifier)
+        return args, load_models(args.smoke, args.model, args.classifier)
     except FileNotFoundError as e:
-        print(f"erasure_quality: the reference model is not available ({e}); nothing measured.")
-        return 3
+        print(f"{script}: the reference model is not available ({e}); nothing measured.")
+        return args, None
+
+
+def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=None):
+    """For each concept and method of ``args``: erase, measure (oracle report and soft-prompt attack), unload.
+
+    ``config_for(method, concept, args)`` builds the job; ``state_bytes(metrics, method)`` counts its training
+    state; ``after_job(rows, details)`` runs after every job (partial results). Returns (rows, details,
+    grid rows, grid row labels); a grid row is the original's forget / synonym / retain images, then each
+    method's.
+    """
     from diffkit.evaluation import erasure_report, shapes_erasure_prompts
     from diffkit.zoo.shapes import factor_of
 
@@ -193,13 +208,13 @@ def main(argv=None) -> int:
             attack_seeds = list(range(100, 100 + len(attack_prompts)))
             targets = concept_latents(original, attack_prompts, attack_seeds, args.inference_steps, args.guidance)
             show = [groups["forget"][0].prompt, groups["synonyms"][0].prompt, groups["retain"][0].prompt]
-            row = list(images(original, show, 0, args.inference_steps, args.guidance))
+            grid = list(images(original, show, 0, args.inference_steps, args.guidance))
 
             def judge(batch, factor=factor, concept=concept):
                 return [lab == concept for lab in oracle.classify(batch, value_range=(0, 1)).labels[factor]]
 
             for method in args.methods:
-                cfg = job_config(method, concept, args)
+                cfg = config_for(method, concept, args)
                 t0 = time.perf_counter()
                 result = erase(erased, cfg, Path(tmp) / f"{method}-{concept}", accelerator=acc, progress=True)
                 train_s = time.perf_counter() - t0
@@ -210,19 +225,53 @@ def main(argv=None) -> int:
                 attack = attack_success_rate(erased, attack_prompts, judge, targets,
                                              AttackConfig(steps=args.attack_steps, guidance_scale=args.guidance,
                                                           num_inference_steps=args.inference_steps))
-                row += list(images(erased, show, 0, args.inference_steps, args.guidance))
+                grid += list(images(erased, show, 0, args.inference_steps, args.guidance))
                 erased.unload_erasure()
-                rows.append(dict(concept=concept, factor=factor, method=method, ua=report["ua"],
-                                 ua_synonyms=report["ua_synonyms"], ira=report["ira"], cra=report["cra"],
-                                 kid=report["kid"], asr=attack.asr, pre_attack=attack.pre_attack_rate,
-                                 train_s=train_s, state_mib=training_state_bytes(m, method) / 2**20,
-                                 storage_kib=read_sidecar(result.path)["storage_bytes"] / 1024,
-                                 peak_rss_gib=m["peak_memory_bytes"] / 2**30))
+                row = dict(concept=concept, factor=factor, method=method, ua=report["ua"],
+                           ua_synonyms=report["ua_synonyms"], ira=report["ira"], cra=report["cra"], kid=report["kid"],
+                           asr=attack.asr, pre_attack=attack.pre_attack_rate, train_s=train_s,
+                           state_mib=state_bytes(m, method) / 2**20,
+                           storage_kib=read_sidecar(result.path)["storage_bytes"] / 1024,
+                           peak_rss_gib=m["peak_memory_bytes"] / 2**30)
+                rows.append(row)
+                print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
                 details[f"{method}-{concept}"] = dict(report=report, attack=attack.to_dict(), config=cfg.to_dict(),
                                                       metrics={k: v for k, v in m.items() if k != "losses"},
                                                       loss_first=m["losses"][0], loss_last=m["losses"][-1])
-            grid_rows.append(row)
+                if after_job is not None:
+                    after_job(rows, details)
+            grid_rows.append(grid)
             grid_labels.append(f"{concept} ({factor})")
+    return rows, details, grid_rows, grid_labels
+
+
+def markdown_table(rows: list[dict], tail=(("artifact KiB", "{storage_kib:.0f}"),)) -> str:
+    """The README table (percentages for accuracies and ASR); ``tail``: (header, format) of the last columns."""
+    heads = ["concept", "method", "UA forget", "UA synonym", "IRA", "CRA", "KID", "ASR (pre-attack)", "train s"]
+    heads += [h for h, _ in tail]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in rows:
+        cells = [f"{r['concept']} ({r['factor']})", r["method"], f"{100 * r['ua']:.0f}%",
+                 f"{100 * r['ua_synonyms']:.0f}%", f"{100 * r['ira']:.0f}%", f"{100 * r['cra']:.0f}%",
+                 f"{r['kid']:.4f}", f"{100 * r['asr']:.0f}% ({100 * r['pre_attack']:.0f}%)", f"{r['train_s']:.0f}"]
+        cells += [fmt.format(**r) for _, fmt in tail]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+def main(argv=None) -> int:
+    ap = protocol_parser(__doc__, methods=("esd", "salun"))
+    args, models = parse_and_load(ap, argv, "erasure_quality")
+    if models is None:
+        return 3
+    original, erased, oracle = models
+    name = f"erasure_quality{'_smoke' if args.smoke else ''}{args.tag}.json"
+
+    def write_partial(rows, details):  # an interrupted run still leaves the figures of its finished jobs
+        write_json(name, dict(benchmark="erasure_quality", smoke=args.smoke, complete=False, environment=environment(),
+                              setting=dict(vars(args)), results=rows, details=details))
+
+    rows, details, grid_rows, grid_labels = run_jobs(args, original, erased, oracle, job_config, training_state_bytes,
+                                                     after_job=write_partial)
     print_table(rows)
     print(markdown_table(rows))
     targets_met = {}
@@ -236,12 +285,12 @@ def main(argv=None) -> int:
     cols = [f"{who}: {what}" for who in ["original", *args.methods] for what in ("forget", "synonym", "retain")]
     grid_path = Path(tempfile.gettempdir()) / f"erasure_grid{args.tag}.png" if args.smoke or args.tag else GRID
     grid_bytes = save_grid(grid_rows, grid_labels, cols, grid_path)
-    payload = dict(benchmark="erasure_quality", smoke=args.smoke, environment=environment(),
+    payload = dict(benchmark="erasure_quality", smoke=args.smoke, complete=True, environment=environment(),
                    setting={k: v for k, v in vars(args).items()}, results=rows, targets=targets_met,
                    grid=dict(path=str(grid_path.relative_to(ROOT)) if grid_path == GRID else str(grid_path),
                              bytes=grid_bytes, columns=cols, rows=grid_labels),
                    details=details)
-    path = write_json(f"erasure_quality{'_smoke' if args.smoke else ''}{args.tag}.json", payload)
+    path = write_json(name, payload)
     print(f"wrote {path} and {grid_path} ({grid_bytes} bytes)")
     return 0
 

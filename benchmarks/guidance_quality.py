@@ -193,19 +193,24 @@ def main(argv=None) -> int:
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.4, 0.6, 0.8, 1.0])
     p.add_argument("--parts", nargs="+", choices=("quality", "inversion"), default=["quality", "inversion"])
     p.add_argument("--grid", type=Path, default=None, help="grid PNG (default: docs/images/guidance_grid.png; "
-                   "smoke: benchmarks/results/guidance_grid_smoke.png)")
+                   "smoke or --tag: benchmarks/results/guidance_grid<_smoke><TAG>.png)")
+    p.add_argument("--tag", default="", help="suffix of the result (and partial, grid) file names, e.g. _r5 for a "
+                   "side run that must not replace the main results")
     args = p.parse_args(argv)
     if args.grid is None:
-        args.grid = GRID if args.model == "reference" else RESULTS / "guidance_grid_smoke.png"
+        smoke = "" if args.model == "reference" else "_smoke"
+        args.grid = GRID if not smoke and not args.tag else RESULTS / f"guidance_grid{smoke}{args.tag}.png"
     if args.n < 1 or args.inversion_n < 1:
         p.error("--n and --inversion-n must be >= 1")
 
     pipe, classifier = load(args.model)
     latent_numel = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2
     r = default_norm_threshold(latent_numel) if args.norm_threshold is None else args.norm_threshold
+    from diffkit.pruning import fingerprint  # identifies the weights: a partial file of other weights is not resumed
+
     config = dict(model=args.model, n=args.n, steps=args.steps, norm_threshold=r, scheduler="DDIMScheduler",
-                  inversion_n=args.inversion_n, inversion_steps=args.inversion_steps)
-    suffix = "" if args.model == "reference" else "_smoke"
+                  inversion_n=args.inversion_n, inversion_steps=args.inversion_steps, weights=fingerprint(pipe.unet))
+    suffix = ("" if args.model == "reference" else "_smoke") + args.tag
     partial_path = RESULTS / f"guidance_quality{suffix}.partial.json"
     partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
     if partial.get("config") != config:

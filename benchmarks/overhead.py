@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, interleaved, median, print_table, write_json  # noqa: E402
+from _common import environment, interleaved, median, print_table, sd15_for_timing, write_json  # noqa: E402
 
 import diffkit  # noqa: E402
 from diffkit.guidance import CFG  # noqa: E402
-from diffkit.zoo import build_full_pipeline, build_tiny_pipeline  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,15 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--steps", type=int, default=50)
     args = ap.parse_args(argv)
-    if args.smoke:
-        device, dtype, size = "cpu", torch.float32, 64
-        base = build_tiny_pipeline("sd15")
-    else:
-        if not torch.cuda.is_available():
-            ap.error("needs a CUDA GPU (use --smoke for the CPU logic check)")
-        device, dtype, size = "cuda", torch.float16, 512
-        base = build_full_pipeline("sd15", device=device, dtype=dtype)
-    base.set_progress_bar_config(disable=True)
+    base, device, dtype, size = sd15_for_timing(ap, args.smoke)
     ours = diffkit.DiffusionPipeline.from_pipe(base)
     kw = dict(prompt="a red star", num_inference_steps=args.steps, height=size, width=size, output_type="latent")
 

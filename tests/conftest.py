@@ -35,3 +35,27 @@ def load_tiny(tiny_paths):
 def gen():
     """gen(seed) -> a CPU torch.Generator."""
     return lambda seed=0: torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def interrupted_erase(load_tiny, monkeypatch):
+    """interrupted_erase(cfg, out, method_cls, at=3): run an erasure job on the tiny SD1.5 that a
+    KeyboardInterrupt stops in the ``at``-th call of ``method_cls.loss`` (as Ctrl-C would), after the
+    checkpoints of the steps before it."""
+    from diffkit.erasure import erase
+
+    def run(cfg, out, method_cls, at: int = 3) -> None:
+        real, calls = method_cls.loss, []
+
+        def flaky(self, ctx):
+            calls.append(1)
+            if len(calls) == at:
+                raise KeyboardInterrupt
+            return real(self, ctx)
+
+        with monkeypatch.context() as m:
+            m.setattr(method_cls, "loss", flaky)
+            with pytest.raises(KeyboardInterrupt):
+                erase(load_tiny("sd15"), cfg, out, progress=False)
+
+    return run

@@ -172,23 +172,10 @@ def test_retain_prompts_are_required_unless_gamma_is_zero():
     assert ErasureConfig(method="advunlearn", concept="red", options={"gamma": 0}).retain_prompts == ()
 
 
-def test_resume_restores_the_adversarial_prefix(load_tiny, tmp_path):
+def test_resume_restores_the_adversarial_prefix(load_tiny, interrupted_erase, tmp_path):
     cfg = _cfg(steps=4, checkpoint_every=2, options={"attack_init": "latest"})
     out = tmp_path / "j"
-    real, calls = AdvUnlearn.loss, []
-
-    def flaky(self, ctx):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, ctx)
-
-    AdvUnlearn.loss = flaky
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            erase(load_tiny("sd15"), cfg, out, progress=False)
-    finally:
-        AdvUnlearn.loss = real
+    interrupted_erase(cfg, out, AdvUnlearn, at=3)
     info, tensors = read_checkpoint(out / "checkpoint")
     assert info["step"] == 2 and tensors["method/adversarial_prefix"].shape == (1, 32)
     assert int(tensors["method/steps_done"][0]) == 2

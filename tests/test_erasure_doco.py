@@ -177,23 +177,10 @@ def test_bad_options_name_the_option(options, message):
         ErasureConfig(method="doco", concept="red", anchor="blue", options=options)
 
 
-def test_resume_restores_the_discriminator(load_tiny, tmp_path):
+def test_resume_restores_the_discriminator(load_tiny, interrupted_erase, tmp_path):
     cfg = _cfg(steps=4, checkpoint_every=2, options={"discriminator_warmup": 1})
     out = tmp_path / "j"
-    real, calls = DoCo.loss, []
-
-    def flaky(self, ctx):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, ctx)
-
-    DoCo.loss = flaky
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            erase(load_tiny("sd15"), cfg, out, progress=False)
-    finally:
-        DoCo.loss = real
+    interrupted_erase(cfg, out, DoCo, at=3)
     info, tensors = read_checkpoint(out / "checkpoint")
     assert info["step"] == 2 and int(tensors["method/steps_done"][0]) == 2
     assert any(k.startswith("method/discriminator/") for k in tensors)

@@ -73,30 +73,13 @@ def test_sigkill_and_resume_give_the_uninterrupted_artifact(tiny_paths, tmp_path
     assert not (out / "checkpoint").exists()
 
 
-def test_checkpoint_of_another_job_is_refused(tiny_paths, tmp_path, load_tiny):
+def test_checkpoint_of_another_job_is_refused(tiny_paths, tmp_path, load_tiny, interrupted_erase):
     from diffkit.erasure.checkpoint import read_checkpoint
+    from diffkit.erasure.esd import ESD
 
     cfg = ErasureConfig(**{**JOB, "steps": 4, "checkpoint_every": 2})
     out = tmp_path / "j"
-    # Interrupt after the first checkpoint by making the method's loss raise at step 3.
-    from diffkit.erasure.esd import ESD
-
-    real, calls = ESD.loss, []
-
-    def flaky(self, ctx):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(self, ctx)
-
-    ESD.loss = flaky
-    try:
-        try:
-            erase(load_tiny("sd15"), cfg, out, progress=False)
-        except KeyboardInterrupt:
-            pass
-    finally:
-        ESD.loss = real
+    interrupted_erase(cfg, out, ESD, at=3)  # after the checkpoint of step 2
     info, tensors = read_checkpoint(out / "checkpoint")
     assert info["step"] == 2 and "rng/loop" in tensors
     assert any(k.startswith("adam/") and k.endswith("/exp_avg") for k in tensors)

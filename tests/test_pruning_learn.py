@@ -164,6 +164,30 @@ def test_learn_masks_runs_checkpoints_and_resumes(load_tiny, tmp_path):
         learn_masks(load_tiny("sd15"), prompts[:2], cfg, checkpoint_dir=tmp_path / "b", progress=False)
 
 
+def test_checkpoint_of_another_unet_is_refused(load_tiny, tiny_paths, tmp_path):
+    """Masks learned on one U-Net are not resumed on another (other weights, or no record of which)."""
+    import json
+
+    import diffkit
+    from diffkit.zoo import build_tiny_pipeline, save_tiny_pipeline
+
+    prompts = ["a red star", "a blue circle"]
+    cfg = MaskLearningConfig(num_inference_steps=2, guidance_scale=5.0, epochs=2, checkpoint_every=1)
+    learn_masks(load_tiny("sd15"), prompts, cfg, checkpoint_dir=tmp_path / "c", progress=False, stop_after=1)
+    other = diffkit.DiffusionPipeline.from_pretrained(save_tiny_pipeline(tmp_path / "seed1", "sd15", seed=1))
+    other.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="was made for a U-Net with other weights; remove it or use another"):
+        learn_masks(other, prompts, cfg, checkpoint_dir=tmp_path / "c", progress=False)
+    wider = diffkit.to_diffkit(build_tiny_pipeline("sdxl"))
+    with pytest.raises(ValueError, match="was made for a U-Net with other architecture; remove it"):
+        learn_masks(wider, prompts, cfg, checkpoint_dir=tmp_path / "c", progress=False)
+    state = json.loads((tmp_path / "c" / "state.json").read_text())
+    state.pop("unet_fingerprint")  # as written before checkpoints recorded the U-Net
+    (tmp_path / "c" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match="does not record which U-Net it was made for; remove it"):
+        learn_masks(load_tiny("sd15"), prompts, cfg, checkpoint_dir=tmp_path / "c", progress=False)
+
+
 def test_learning_lowers_the_mse_objective(load_tiny):
     """With the penalty off, learning from a damaging start (logits 0) lowers the trajectory MSE."""
     pipe = load_tiny("sd15")

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .hard_concrete import HardConcrete
 from .masking import MaskAttachment
-from .spec import atomic_save_safetensors, atomic_write_json
+from .spec import BaseModelMismatch, atomic_save_safetensors, atomic_write_json, check_fingerprint, fingerprint
 from .trajectory import Conditioning, Sampler, capture_conditioning, reverse_walk, run_trajectory, seed_for
 from .units import KINDS, Unit, find_units
 
@@ -179,7 +179,8 @@ def prompts_digest(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()
 
 
-def save_checkpoint(directory: Path, logits: MaskLogits, opt, step: int, history, config, prompts) -> None:
+def save_checkpoint(directory: Path, logits: MaskLogits, opt, step: int, history, config, prompts,
+                    unet_fingerprint: dict | None = None) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(directory / CKPT_LOGITS, {k: v for k, v in logits.as_dict().items()})
     tensors = {}
@@ -189,11 +190,25 @@ def save_checkpoint(directory: Path, logits: MaskLogits, opt, step: int, history
     atomic_save_safetensors(directory / CKPT_OPTIM, tensors)
     # The state file is written last: it is the commit record of a checkpoint.
     atomic_write_json(directory / CKPT_STATE, {"step": step, "history": history, "config": config.to_json(),
-                                               "prompts_sha256": prompts_digest(prompts), "num_prompts": len(prompts)})
+                                               "prompts_sha256": prompts_digest(prompts), "num_prompts": len(prompts),
+                                               "unet_fingerprint": unet_fingerprint})
 
 
-def load_checkpoint(directory: Path, logits: MaskLogits, opt, config: MaskLearningConfig, prompts) -> tuple[int, list]:
+def load_checkpoint(directory: Path, logits: MaskLogits, opt, config: MaskLearningConfig, prompts,
+                    unet=None) -> tuple[int, list]:
     state = json.loads((directory / CKPT_STATE).read_text(encoding="utf-8"))
+    # Masks learned on one U-Net mean nothing on another: refuse rather than resume them.
+    if unet is not None:
+        if state.get("unet_fingerprint") is None:
+            raise ValueError(f"checkpoint in {directory} does not record which U-Net it was made for; "
+                             f"remove it (or use another checkpoint directory) to learn the masks anew")
+        try:
+            check_fingerprint(state["unet_fingerprint"], unet)
+        except BaseModelMismatch:
+            same_arch = fingerprint(unet)["architecture"] == state["unet_fingerprint"]["architecture"]
+            raise ValueError(f"checkpoint in {directory} was made for a U-Net with other "
+                             f"{'weights' if same_arch else 'architecture'}; remove it or use another checkpoint "
+                             f"directory") from None
     if state.get("prompts_sha256") != prompts_digest(prompts):
         raise ValueError(f"checkpoint in {directory} was made with other prompts ({state.get('num_prompts')} "
                          f"prompts); use another checkpoint directory or the same prompts")
@@ -263,8 +278,9 @@ def learn_masks(pipe, prompts: list[str], config: MaskLearningConfig | None = No
     total = steps_per_epoch * config.epochs
     step, history = 0, []
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    unet_fp = fingerprint(unet) if ckpt is not None else None
     if ckpt is not None and (ckpt / CKPT_STATE).is_file():
-        step, history = load_checkpoint(ckpt, logits, opt, config, prompts)
+        step, history = load_checkpoint(ckpt, logits, opt, config, prompts, unet=unet)
 
     conds: dict[int, Conditioning] = {}
     targets: dict[int, torch.Tensor] = {}
@@ -316,7 +332,7 @@ def learn_masks(pipe, prompts: list[str], config: MaskLearningConfig | None = No
             bar.set_postfix(mse=f"{mse_val:.3g}", reg=f"{float(reg):.3g}")
             if ckpt is not None and (step % config.checkpoint_every == 0 or step == stop_at):
                 if accelerator.is_main_process:
-                    save_checkpoint(ckpt, logits, opt, step, history, config, prompts)
+                    save_checkpoint(ckpt, logits, opt, step, history, config, prompts, unet_fp)
                 accelerator.wait_for_everyone()
     bar.close()
     out = {k: v.detach().float().cpu().clone() for k, v in logits.as_dict().items()}
