@@ -94,6 +94,38 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+def build_guidance(method: str, scale: float):
+    """The guidance object of ``--guidance`` (None: the pipeline's own CFG with ``guidance_scale``)."""
+    if method == "cfg":
+        return None
+    from diffkit.guidance import APG, CFGPlusPlus
+
+    try:
+        return APG(scale) if method == "apg" else CFGPlusPlus(scale)
+    except ValueError as e:
+        raise CLIError(f"--guidance {method}: {e}") from None
+
+
+def attach_features(pipe, args) -> dict:
+    """Apply --deepcache / --pruning / --erasure to ``pipe``; returns what was attached (for the JSON lines)."""
+    features = {}
+    for key, path, load, what in (("pruning", args.pruning, pipe.load_pruning, "pruning spec"),
+                                  ("erasure", args.erasure, pipe.load_erasure, "erasure artifact")):
+        if path:
+            try:
+                load(path)
+            except (OSError, ValueError) as e:
+                raise CLIError(f"cannot load {what} {path!r}: {e}") from None
+            features[key] = path
+    if args.deepcache:
+        try:
+            pipe.enable_deepcache(interval=args.deepcache, branch=args.deepcache_branch)
+        except ValueError as e:
+            raise CLIError(f"--deepcache: {e}") from None
+        features["deepcache"] = dict(interval=args.deepcache, branch=args.deepcache_branch)
+    return features
+
+
 def cmd_generate(args) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -102,11 +134,16 @@ def cmd_generate(args) -> int:
         raise CLIError(f"--steps must be a positive integer, got {args.steps}")
     if args.guidance_scale < 0:
         raise CLIError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
+    if args.deepcache < 0:
+        raise CLIError(f"--deepcache must be >= 0 (0: off), got {args.deepcache}")
+    guidance = build_guidance(args.guidance, args.guidance_scale)
     prompts = read_prompts(args)
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype)
     pipe = load_pipeline(args.model, device, dtype)
     pipe.set_progress_bar_config(disable=True)
+    features = attach_features(pipe, args)
+    call = dict(guidance_scale=args.guidance_scale) if guidance is None else dict(guidance=guidance)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "images.jsonl"
@@ -115,15 +152,17 @@ def cmd_generate(args) -> int:
             seed = args.seed + i
             gen = torch.Generator(device="cpu").manual_seed(seed)
             t0 = time.perf_counter()
-            image = pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                         generator=gen).images[0]
+            try:
+                image = pipe(prompt, num_inference_steps=args.steps, generator=gen, **call).images[0]
+            except ValueError as e:  # e.g. CFG++ with a scheduler it has no step rule for
+                raise CLIError(str(e)) from None
             elapsed = time.perf_counter() - t0
             name = f"{i:05d}_seed{seed}.png"
             tmp = out / (name + ".tmp")
             image.save(tmp, format="PNG")
             tmp.replace(out / name)
-            record = dict(file=name, prompt=prompt, seed=seed, steps=args.steps,
-                          guidance_scale=args.guidance_scale, model=args.model or default_model(),
+            record = dict(file=name, prompt=prompt, seed=seed, steps=args.steps, guidance=args.guidance,
+                          guidance_scale=args.guidance_scale, **features, model=args.model or default_model(),
                           device=device, dtype=str(dtype).replace("torch.", ""), seconds=round(elapsed, 4))
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -147,7 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts-file", default=None, help="text file, one prompt per line (# comments skipped)")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed+i (default 0)")
     g.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    g.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    g.add_argument("--guidance-scale", type=float, default=7.5,
+                   help="guidance scale: CFG's and APG's w, CFG++'s lambda in [0, 1] (default 7.5)")
+    g.add_argument("--guidance", choices=("cfg", "apg", "cfgpp"), default="cfg",
+                   help="cfg (default), apg (eta 0, r 15, momentum -0.5) or cfgpp (CFG++: DDIM, Euler, Euler a, "
+                   "DPM++ 2M)")
+    g.add_argument("--deepcache", type=int, default=0, metavar="N",
+                   help="DeepCache: a full U-Net step every N steps (0: off, the default)")
+    g.add_argument("--deepcache-branch", type=int, default=0, help="DeepCache's cache branch (default 0)")
+    g.add_argument("--pruning", default=None, metavar="DIR", help="load a pruning spec folder (diffkit prune)")
+    g.add_argument("--erasure", default=None, metavar="PATH", help="load an erasure artifact (diffkit erase)")
     g.add_argument("--out", default="outputs", help="output folder (default ./outputs)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
     g.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")

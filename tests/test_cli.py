@@ -32,6 +32,44 @@ def test_generate_writes_pngs_and_json_lines(tiny_paths, tmp_path, capsys):
     assert not list((tmp_path / "o").glob("*.tmp"))
 
 
+def test_generate_with_guidance_and_deepcache(tiny_paths, tmp_path, capsys):
+    """--guidance / --deepcache reach the pipeline (other images than plain CFG) and the JSON lines say so."""
+    base = ["generate", "a red star", "--model", str(tiny_paths["sd15"]), "--steps", "4", "--quiet"]
+    runs = {"cfg": [], "apg": ["--guidance", "apg", "--guidance-scale", "5"],
+            "cfgpp": ["--guidance", "cfgpp", "--guidance-scale", "0.6"], "deepcache": ["--deepcache", "2"]}
+    png = {}
+    for name, extra in runs.items():
+        rc, _, err = run(capsys, *base, "--out", str(tmp_path / name), *extra)
+        assert rc == 0, err
+        png[name] = (tmp_path / name / "00000_seed0.png").read_bytes()
+        record = json.loads((tmp_path / name / "images.jsonl").read_text())
+        assert record["guidance"] == (name if name in ("apg", "cfgpp") else "cfg")
+        assert record.get("deepcache") == ({"interval": 2, "branch": 0} if name == "deepcache" else None)
+    assert len(set(png.values())) == 4
+
+
+def test_generate_with_pruning_and_erasure(tiny_paths, load_tiny, tmp_path, capsys):
+    """--pruning loads a spec folder and --erasure an artifact before generating; the JSON lines name them."""
+    from diffkit.erasure import ErasureConfig, erase
+    from diffkit.pruning import find_units, save_pruning
+
+    pipe = load_tiny("sd15")
+    save_pruning(tmp_path / "spec", pipe.unet, {u.name: list(range(0, u.size, 2)) for u in find_units(pipe.unet)},
+                 macs=False)
+    artifact = erase(load_tiny("sd15"), ErasureConfig(concept="red", steps=2, sample_steps=2, lr=1e-2),
+                     tmp_path / "erase", progress=False).path
+    base = ["generate", "a red star", "--model", str(tiny_paths["sd15"]), "--steps", "3", "--quiet"]
+    png = {}
+    for name, extra in {"plain": [], "pruning": ["--pruning", str(tmp_path / "spec")],
+                        "erasure": ["--erasure", str(artifact)]}.items():
+        rc, _, err = run(capsys, *base, "--out", str(tmp_path / name), *extra)
+        assert rc == 0, err
+        png[name] = (tmp_path / name / "00000_seed0.png").read_bytes()
+        record = json.loads((tmp_path / name / "images.jsonl").read_text())
+        assert record.get(name) == (extra[1] if extra else None)
+    assert len(set(png.values())) == 3
+
+
 def test_generate_is_deterministic_by_seed(tiny_paths, tmp_path, capsys):
     for name in ("a", "b"):
         run(capsys, "generate", "x", "--model", str(tiny_paths["sd15"]), "--steps", "2", "--out",
@@ -51,6 +89,14 @@ def test_generate_is_deterministic_by_seed(tiny_paths, tmp_path, capsys):
         (["generate"], "no prompts: give PROMPT arguments or --prompts-file"),
         (["generate", "x", "--device", "tpu"], "unknown device 'tpu'; use one of cpu, cuda, mps"),
         (["generate", "x", "--dtype", "int8"], "unknown dtype 'int8'; use one of"),
+        (["generate", "x", "--deepcache", "-1"], "--deepcache must be >= 0 (0: off), got -1"),
+        (["generate", "x", "--guidance", "cfgpp"], "--guidance cfgpp: scale must be in [0, 1], got 7.5"),
+        (["generate", "x", "--model", "zoo:sd15", "--pruning", "/no/such"],
+         "cannot load pruning spec '/no/such': no pruning spec at /no/such (missing spec.json)"),
+        (["generate", "x", "--model", "zoo:sd15", "--erasure", "/no/such"],
+         "cannot load erasure artifact '/no/such': erasure artifact '/no/such' is not a directory"),
+        (["generate", "x", "--model", "zoo:sd15", "--deepcache", "2", "--deepcache-branch", "9"],
+         "--deepcache: branch must be in [0, 8] for this U-Net (9 skip connections), got 9"),
     ],
 )
 def test_generate_errors(capsys, argv, message):
