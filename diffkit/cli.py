@@ -136,6 +136,8 @@ def cmd_generate(args) -> int:
         raise CLIError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
     if args.deepcache < 0:
         raise CLIError(f"--deepcache must be >= 0 (0: off), got {args.deepcache}")
+    if args.deepcache_branch and not args.deepcache:
+        raise CLIError("--deepcache-branch needs --deepcache N (DeepCache is off)")
     guidance = build_guidance(args.guidance, args.guidance_scale)
     prompts = read_prompts(args)
     device = parse_device(args.device)

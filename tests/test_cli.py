@@ -90,6 +90,7 @@ def test_generate_is_deterministic_by_seed(tiny_paths, tmp_path, capsys):
         (["generate", "x", "--device", "tpu"], "unknown device 'tpu'; use one of cpu, cuda, mps"),
         (["generate", "x", "--dtype", "int8"], "unknown dtype 'int8'; use one of"),
         (["generate", "x", "--deepcache", "-1"], "--deepcache must be >= 0 (0: off), got -1"),
+        (["generate", "x", "--deepcache-branch", "1"], "--deepcache-branch needs --deepcache N (DeepCache is off)"),
         (["generate", "x", "--guidance", "cfgpp"], "--guidance cfgpp: scale must be in [0, 1], got 7.5"),
         (["generate", "x", "--model", "zoo:sd15", "--pruning", "/no/such"],
          "cannot load pruning spec '/no/such': no pruning spec at /no/such (missing spec.json)"),

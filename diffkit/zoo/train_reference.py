@@ -54,7 +54,7 @@ UNET_CONFIG = dict(
     out_channels=8,
     layers_per_block=1,
     # the 16x16 level draws the styles' textures (stripes, dots and checks two to three latent pixels
-    # apart): at 32 channels the first weights blended them (style 72%); 64 costs ~20% more per step
+    # apart): at 32 channels the second weights blended them (style 72%); 64 costs ~20% more per step
     block_out_channels=(64, 64, 128),
     # cross-attention at 8x8 and 4x4 only: attention at 16x16 would double the cost of a step on CPU
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
