@@ -49,6 +49,16 @@ def _time_generation(pipe, steps: int, repeats: int = 3) -> float:
     return float(np.median(times))
 
 
+def confusion(expected, predicted) -> dict[str, dict[str, int]]:
+    """expected label -> {predicted label: count}, over the images whose expected label is given."""
+    out: dict[str, dict[str, int]] = {}
+    for e, p in zip(expected, predicted):
+        if e is not None:
+            row = out.setdefault(e, {})
+            row[p] = row.get(p, 0) + 1
+    return out
+
+
 def sample_grid(pipe, path: Path, steps: int) -> None:
     """One row per object, one column per color (style cycling), each from its own seed."""
     prompts, seeds = [], []
@@ -101,6 +111,10 @@ def main(argv=None) -> int:
         images = generate_images(pipe, [s.prompt for s in specs], seeds, batch_size=a.batch_size, desc=name, **call)
         res = classify_specs(clf, images, specs)
         results[name] = {"n_images": len(specs), "accuracy": res.accuracy, "examples": [s.prompt for s in specs[:4]]}
+        if "style" in res.accuracy:  # where the misses are: which style is drawn for which
+            conf = confusion(res.expected["style"], res.predicted["style"])
+            results[name]["style_confusion"] = conf
+            results[name]["style_accuracy_by_style"] = {s: row.get(s, 0) / sum(row.values()) for s, row in conf.items()}
     gen_seconds = time.perf_counter() - t
     per_image = _time_generation(pipe, a.steps)
     if not a.smoke:
@@ -143,6 +157,10 @@ def main(argv=None) -> int:
         acc = r["accuracy"]
         cells = [f"{acc[f]:>8.3f}" if f in acc else f"{'-':>8}" for f in ("object", "color", "style", "background")]
         print(f"{name:<10} {r['n_images']:>5} " + " ".join(cells))
+    for name, r in results.items():
+        if "style_accuracy_by_style" in r:
+            by_style = r["style_accuracy_by_style"].items()
+            print(f"{name} style by style: " + ", ".join(f"{k} {v:.3f}" for k, v in by_style))
     print(f"load {load_seconds:.2f} s, {per_image:.2f} s/image (batch 1, {a.steps} steps); wrote {a.out}")
     return 0
 

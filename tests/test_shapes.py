@@ -31,6 +31,7 @@ from diffkit.zoo.shapes import (
     vocabulary,
     word_for,
 )
+from diffkit.zoo.shapes.render import CHECKER_PERIOD, DOT_PERIOD, STRIPE_PERIOD
 from diffkit.zoo.train_vae import training_specs
 
 BASE = ShapeSpec("star", "red", "solid", "black", x=0.5, y=0.5, size=0.28, rotation=10.0)
@@ -84,6 +85,27 @@ def test_object_mask_area_and_outline_is_thin():
     outlined = (render(_with(object="circle", style="outlined")) != BACKGROUND_RGB["black"]).any(-1).mean()
     # a ring 3 px wide around a disc of radius 18 px covers well under half of it
     assert outlined < 0.5 * solid
+
+
+def _color_runs(row: np.ndarray, rgb) -> tuple[list[int], list[int]]:
+    """Starts and lengths of the runs of pixels of exactly ``rgb`` along a row (runs cut by its ends left out)."""
+    on = np.concatenate([[0], np.all(row == rgb, axis=-1).astype(int), [0]])
+    starts, ends = np.flatnonzero(np.diff(on) == 1), np.flatnonzero(np.diff(on) == -1)
+    whole = (starts > 0) & (ends < len(row))
+    return starts[whole].tolist(), (ends - starts)[whole].tolist()
+
+
+@pytest.mark.parametrize(
+    "style, latent_period, width", [("striped", 3.0, 24), ("dotted", 3.5, 32), ("checkered", 5.5, 44)]
+)
+def test_pattern_periods_in_latent_pixels(style, latent_period, width):
+    # rendered at 256 px (4x the model's 64) so that whole periods fit in one object, and read along the row
+    # through its centre; a pixel of the reference VAE's 16x16 latent is a sixteenth of the side
+    img = render(_with(object="square", style=style, size=0.5, rotation=0.0, x=0.5, y=0.5), size=256)
+    starts, lengths = _color_runs(img[128, 47:209], COLOR_RGB["red"])  # the square spans columns 47..208
+    assert set(lengths) == {width}  # half a period of stripes and checks; a dot's diameter (0.6 of its period)
+    assert set(np.diff(starts).tolist()) <= {latent_period * 16}  # 48, 56 and 88 px at 256 px
+    assert {"striped": STRIPE_PERIOD, "dotted": DOT_PERIOD, "checkered": CHECKER_PERIOD}[style] * 16 == latent_period
 
 
 def test_sample_spec_pins_fixed_factors_and_stays_in_frame():

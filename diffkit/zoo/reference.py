@@ -32,7 +32,7 @@ def reference_path() -> Path:
 def load_reference_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """Load the reference model as a diffkit ``StableDiffusionPipeline`` (offline; progress bar off).
 
-    64x64 images from latents 4x16x16; prompts use the shapes world's words, e.g. "a red striped star
+    64x64 images from latents 8x16x16; prompts use the shapes world's words, e.g. "a red striped star
     on a black background" (see ``diffkit.zoo.shapes.prompt_for``).
     """
     from ..pipelines.loading import DiffusionPipeline

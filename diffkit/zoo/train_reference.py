@@ -6,7 +6,7 @@ A real Stable Diffusion pipeline, small: the VAE from ``train_vae`` (frozen; lat
 (Hang et al. 2023: w_t = min(SNR_t, 5) / (SNR_t + 1) for v) to converge in fewer steps, 10% empty
 captions so classifier-free guidance works, and an EMA of the weights, which is what ships.
 
-    python -m diffkit.zoo.train_reference --out runs/ref [--vae runs/ref/vae] [--steps 8800] [--device cpu]
+    python -m diffkit.zoo.train_reference --out runs/ref [--vae runs/ref/vae] [--steps 7000] [--device cpu]
 
 The training set: ``--images`` renders of specs outside the held-out (object, color, style) triples,
 in a narrowed pose (``--rotation 15``: upright within 15 degrees; ``--center-range 0.08``: centre within
@@ -53,8 +53,8 @@ UNET_CONFIG = dict(
     in_channels=8,  # the VAE's latent channels (train_vae.VAE_CONFIG)
     out_channels=8,
     layers_per_block=1,
-    # the 16x16 level draws the styles' textures (stripes, dots and checks two to three latent pixels
-    # apart): at 32 channels the second weights blended them (style 72%); 64 costs ~20% more per step
+    # the 16x16 level draws the styles' textures (periods of 3 to 5.5 latent pixels, see shapes.render):
+    # at 32 channels the second weights blended them (style 72%); 64 costs ~20% more per step
     block_out_channels=(64, 64, 128),
     # cross-attention at 8x8 and 4x4 only: attention at 16x16 would double the cost of a step on CPU
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -154,7 +154,7 @@ def build_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipelin
 def train_reference(
     out: Path,
     vae_path: Path | None = None,
-    steps: int = 8800,
+    steps: int = 7000,
     batch: int = 64,
     images: int = 24000,
     lr: float = 8e-4,
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--vae", type=Path, default=None, help="trained VAE folder (default: OUT/vae)")
-    p.add_argument("--steps", type=int, default=8800)
+    p.add_argument("--steps", type=int, default=7000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--images", type=int, default=24000)
     p.add_argument("--seed", type=int, default=0)

@@ -16,9 +16,17 @@ from .world import BACKGROUND_RGB, COLOR_RGB, FACTORS
 
 SUPERSAMPLE = 4
 #: Pattern periods and outline width, as fractions of the image side (so any ``size`` looks alike).
-STRIPE_PERIOD = 8 / 64
-DOT_PERIOD = 8 / 64
-CHECKER_PERIOD = 10 / 64
+#: A pixel of the reference VAE's 16x16 latent is 4 px: stripes repeat every 3 latent pixels, dots every
+#: 3.5 and checks every 5.5. With stripes and dots 2 and checks 2.5 latent pixels apart (8, 8 and 10 px,
+#: the first three weights) the U-Net drew dots as rows that merge into stripes and checks as dots (style
+#: 73%); with stripes and dots at 12 px and checks at 16 px (diagonal lattice 11.3 px, like the dots'),
+#: stripes came out right but dots and checks were drawn as each other (dotted 39%, checkered 45% at step
+#: 5500). Dots are now small and sparse, checks large: they differ in scale and in coverage.
+STRIPE_PERIOD = 12 / 64
+DOT_PERIOD = 14 / 64
+CHECKER_PERIOD = 22 / 64
+#: Radius of a dot, as a fraction of the dot period (28% of the object in colour, checks and stripes 50%).
+DOT_RADIUS = 0.3
 OUTLINE_WIDTH = 3 / 64
 #: Ranges of the continuous factors: radius (fraction of the side) and rotation (degrees).
 SIZE_RANGE = (0.22, 0.32)
@@ -179,7 +187,7 @@ def _pattern(spec: ShapeSpec, side: int) -> np.ndarray:
     if spec.style == "dotted":
         du = u / DOT_PERIOD - np.round(u / DOT_PERIOD)
         dv = v / DOT_PERIOD - np.round(v / DOT_PERIOD)
-        return du**2 + dv**2 < 0.33**2
+        return du**2 + dv**2 < DOT_RADIUS**2
     return np.ones((side, side), bool)
 
 
