@@ -62,7 +62,7 @@ def main(argv=None) -> int:
                 guidance_scale=args.guidance_scale, progress=not args.smoke)
     setting = dict(n_images=args.n, steps=args.steps, guidance_scale=args.guidance_scale, branch=args.branch,
                    scheduler=type(pipe.scheduler).__name__, device=args.device, smoke=args.smoke)
-    from diffkit.pruning import fingerprint  # identifies the weights, so --resume never mixes two models
+    from diffkit.artifacts import model_digest as fingerprint  # identifies the weights: --resume never mixes models
 
     payload = dict(benchmark="deepcache_quality", setting=setting, model=fingerprint(pipe.unet),
                    environment=environment(), results=[])

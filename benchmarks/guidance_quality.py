@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     pipe, classifier = load(args.model)
     latent_numel = pipe.unet.config.in_channels * pipe.unet.config.sample_size**2
     r = default_norm_threshold(latent_numel) if args.norm_threshold is None else args.norm_threshold
-    from diffkit.pruning import fingerprint  # identifies the weights: a partial file of other weights is not resumed
+    from diffkit.artifacts import model_digest as fingerprint  # a partial file of other weights is not resumed
 
     config = dict(model=args.model, n=args.n, steps=args.steps, norm_threshold=r, scheduler="DDIMScheduler",
                   inversion_n=args.inversion_n, inversion_steps=args.inversion_steps, weights=fingerprint(pipe.unet))

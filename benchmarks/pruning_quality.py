@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     calib = [s.prompt for s in shapes_prompt_specs(args.calib, seed=1)]
     setting = {k: v for k, v in vars(args).items() if k not in ("resume", "skip_random")}
     setting["scheduler"] = type(pipe.scheduler).__name__
-    from diffkit.pruning import fingerprint
+    from diffkit.artifacts import model_digest as fingerprint
 
     payload = dict(benchmark="pruning_quality", setting=setting, environment=environment(), results=[],
                    model=dict(fingerprint=fingerprint(pipe.unet),

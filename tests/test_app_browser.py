@@ -197,6 +197,10 @@ def test_edit_and_erase_tabs(page):
     page.get_by_role("tab", name="Erase").click()
     assert page.locator("#forget-prompt textarea").input_value() == "a red solid star on a white background"
     assert page.locator("#retain-prompt textarea").input_value() == "a green solid star on a white background"
+    # The defaults that finish within 30 s with a visible effect (tests/test_app_logic.py measures them).
+    assert page.locator("#erase-method input").input_value() == "esd"
+    assert page.locator("#erase-steps input").input_value() == "40"
+    assert page.locator("#sample-steps input").input_value() == "20"
     page.locator("#erase-steps input").fill("2")
     page.locator("#sample-steps input").fill("3")
     page.locator("#erase").click()

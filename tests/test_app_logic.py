@@ -7,7 +7,10 @@ pass the settings through unchanged and to restore the shared pipeline afterward
 from __future__ import annotations
 
 import math
+import shutil
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +28,10 @@ from diffkit.app.main import (
     reference_model_path,
 )
 from diffkit.app.settings import (
+    DEFAULT_ERASE_SAMPLE_STEPS,
+    DEFAULT_ERASE_STEPS,
+    DEMO_ERASE_LR,
+    PREFERRED_ERASE_METHOD,
     SCHEDULERS,
     DeepCacheSettings,
     EditSettings,
@@ -32,6 +39,8 @@ from diffkit.app.settings import (
     GenerateSettings,
     GuidanceSettings,
     InputError,
+    suggest_erase_prompts,
+    validate_erase,
 )
 from diffkit.app.ui import GENERATE_FIELDS, Handlers, banner, failure_text
 from diffkit.guidance import APG, CFG, CFGPlusPlus
@@ -296,6 +305,198 @@ def test_two_users_at_once_get_their_own_results(model):
         assert same(results[seed][1], expected[seed])
     assert not same(expected[0], expected[1])
     assert model.pipe.deepcache is None
+
+
+# --- long jobs, failures --------------------------------------------------------------------------------
+
+
+def weights(pipe) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the U-Net and text encoder, cloned (for bit-equality checks)."""
+    return {f"{c}.{k}": v.detach().clone() for c in ("unet", "text_encoder")
+            for k, v in getattr(pipe, c).state_dict().items()}
+
+
+def bit_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def lock_is_free(model) -> bool:
+    """Whether another thread can take the model's lock at once (an RLock is re-entrant in its owner)."""
+    got = []
+
+    def probe():
+        ok = model.lock.acquire(blocking=False)
+        got.append(ok)
+        if ok:
+            model.lock.release()
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return got == [True]
+
+
+def test_generation_does_not_wait_for_an_erase_job(model, load_tiny, tmp_path, monkeypatch):
+    """An erase job runs in a thread; meanwhile a generation finishes in about one generation's time and
+    equals the untouched model's image, and the shared weights never change."""
+    real_erase = logic.erasure_trainer()
+    training, release = threading.Event(), threading.Event()
+
+    def erase_then_hold(pipe, config, out, **kw):
+        training.set()
+        result = real_erase(pipe, config, out, **kw)  # real training on the job's private copy
+        assert release.wait(60)  # and keep the job running until the generation below is done
+        return result
+
+    monkeypatch.setattr(logic, "erasure_trainer", lambda: erase_then_hold)
+    shared = weights(model.pipe)
+    expected = direct(load_tiny("sd15"))
+    solo = min(logic.generate(model, settings()).seconds for _ in range(2))
+    job = EraseSettings("red", "esd", "a red star", "a blue star", steps=30, lr=1e-3, sample_steps=3,
+                        preview_steps=3)
+    results = {}
+    worker = threading.Thread(target=lambda: results.update(r=logic.erase_concept(model, job, tmp_path)))
+    worker.start()
+    try:
+        assert training.wait(60)
+        start = time.perf_counter()
+        g = logic.generate(model, settings())
+        seconds = time.perf_counter() - start
+        assert worker.is_alive()  # the job had not finished: the generation did not wait for it
+        assert seconds < 5 * solo + 1.0, (seconds, solo)
+        assert same(g.image, expected) and bit_equal(weights(model.pipe), shared)
+        with pytest.raises(InputError, match=r"^Another erasure job is running on this server; try again when "
+                                             r"it has finished\.$"):
+            logic.erase_concept(model, job, tmp_path / "second")
+    finally:
+        release.set()
+        worker.join(120)
+    r = results["r"]
+    assert r.status == "trained" and not same(r.after_forget, r.before_forget)
+    assert bit_equal(weights(model.pipe), shared) and model.pipe.loaded_erasures == []
+    assert same(logic.generate(model, settings()).image, expected)
+
+
+def test_building_a_pruned_copy_does_not_block_generation(model, load_tiny, tmp_path, monkeypatch):
+    loading, release = threading.Event(), threading.Event()
+
+    def slow_load_pruning(pipe, spec):  # stands in for a long spec load on the copy
+        loading.set()
+        assert release.wait(60)
+
+    monkeypatch.setattr(type(model.pipe), "load_pruning", slow_load_pruning)
+    (tmp_path / "spec").mkdir()
+    worker = threading.Thread(target=logic.generate, args=(model, settings(pruning=str(tmp_path / "spec"))))
+    worker.start()
+    try:
+        assert loading.wait(60)
+        start = time.perf_counter()
+        g = logic.generate(model, settings())
+        assert time.perf_counter() - start < 10 and worker.is_alive()
+        assert same(g.image, direct(load_tiny("sd15")))
+    finally:
+        release.set()
+        worker.join(60)
+
+
+def test_a_corrupt_artifact_leaves_the_pipeline_as_before(model, load_tiny, tmp_path, monkeypatch):
+    """A truncated tensor file, a load that fails half-way and a crash in the middle of a request all leave
+    the shared weights bit-identical, the scheduler and hooks restored and the lock free; the demo serves on."""
+    from diffkit.erasure.artifact import TENSORS_FILE, Artifact
+
+    e = EraseSettings("red", "esd", "a red star", "a blue star", steps=2, lr=1e-3, sample_steps=3, preview_steps=3)
+    good = logic.erase_concept(model, e, tmp_path / "erasure").artifact
+    root = tmp_path / "erasure"
+    h = Handlers(model, erasure_dir=root)
+    shutil.copytree(good, root / "truncated")
+    tensors = root / "truncated" / TENSORS_FILE
+    tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])
+    shared, scheduler = weights(model.pipe), model.pipe.scheduler
+    expected = direct(load_tiny("sd15"))
+
+    def check_restored():
+        assert bit_equal(weights(model.pipe), shared)
+        assert model.pipe.loaded_erasures == [] and model.pipe.deepcache is None
+        assert model.pipe.scheduler is scheduler and lock_is_free(model)
+
+    _, image, text = h.generate(False, 1, *form(erasure="truncated"))
+    assert image is None and text.startswith(f"⚠️ The erasure artifact {str(root / 'truncated')!r} could not be "
+                                             f"loaded: ")
+    check_restored()
+
+    # A load that fails after it has changed some tensors: the demo puts them back itself.
+    real, calls = Artifact.materialize, []
+
+    def fail_second(self, name, base):
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("disk vanished")
+        return real(self, name, base)
+
+    with monkeypatch.context() as m:
+        m.setattr(Artifact, "materialize", fail_second)
+        _, image, text = h.generate(False, 1, *form(erasure=Path(good).name, deepcache=True, scheduler="Euler"))
+    assert len(calls) == 2 and image is None
+    assert text == f"⚠️ The erasure artifact {good!r} could not be loaded: disk vanished"
+    check_restored()
+
+    # A crash inside the pipeline call, with an erasure, DeepCache and another scheduler applied.
+    def crash(*a, **k):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as m:
+        m.setattr(model.pipe.unet.conv_out, "forward", crash)
+        _, image, text = h.generate(False, 1, *form(erasure=Path(good).name, deepcache=True, scheduler="Euler"))
+    assert (image, text) == (None, failure_text(RuntimeError("out of memory")))
+    check_restored()
+
+    # Everyone is still served: the plain model, and the intact artifact as load_erasure gives it.
+    assert same(logic.generate(model, settings()).image, expected)
+    reference = load_tiny("sd15")
+    reference.load_erasure(good)
+    assert same(h.generate(False, 1, *form(erasure=Path(good).name))[1], direct(reference))
+    check_restored()
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    path = reference_model_path()
+    if path is None:
+        pytest.skip("the shipped reference model is not installed")
+    return load_model(None)
+
+
+def test_erase_tab_defaults_finish_in_30s_and_erase_the_concept(reference_model, tmp_path):
+    """The Erase tab's defaults (ESD-x, DEFAULT_ERASE_STEPS at DEMO_ERASE_LR) on the reference model: the
+    whole request (previews included) within 30 s on this 2-core CPU; the oracle sees the concept gone from
+    the forget prompt (over 8 seeds) and the retain prompt's concept kept."""
+    from diffkit.zoo import load_reference_classifier
+
+    model = reference_model
+    forget, retain = suggest_erase_prompts("red")
+    methods = logic.erasure_methods()
+    assert PREFERRED_ERASE_METHOD == "esd" and "esd" in methods
+    e = validate_erase("red", PREFERRED_ERASE_METHOD, forget, retain, methods=methods)
+    assert (e.steps, e.lr, e.sample_steps) == (DEFAULT_ERASE_STEPS, None, DEFAULT_ERASE_SAMPLE_STEPS) == (40, None, 20)
+    config = logic.erasure_config(e)
+    assert (config.lr, config.parameters, config.concept) == (DEMO_ERASE_LR["esd"], "esd-x", ("red", forget))
+    start = time.perf_counter()
+    r = logic.erase_concept(model, e, tmp_path)
+    seconds = time.perf_counter() - start
+    print(f"Erase tab defaults: {seconds:.1f} s in all, {r.seconds:.1f} s training")
+    assert r.status == "trained" and seconds < 30, seconds
+    oracle = load_reference_classifier()
+
+    def colors(prompt, erasure):
+        images = [logic.generate(model, GenerateSettings(prompt, seed=s, erasure=erasure)).image for s in range(8)]
+        return oracle.classify(images).labels["color"]
+
+    assert oracle.classify([r.before_forget, r.after_forget, r.before_retain, r.after_retain]).labels["color"][0] \
+        == "red"
+    before, after, kept = colors(forget, None), colors(forget, r.artifact), colors(retain, r.artifact)
+    print(f"oracle: red in {before.count('red')}/8 forget images before, {after.count('red')}/8 after; "
+          f"green in {kept.count('green')}/8 retain images after")
+    assert before.count("red") == 8 and after.count("red") <= 2 and kept.count("green") >= 7, (before, after, kept)
 
 
 # --- command line -------------------------------------------------------------------------------------

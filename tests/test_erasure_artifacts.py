@@ -140,7 +140,8 @@ def test_bad_artifact_folders(tmp_path, load_tiny, artifacts):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / SIDECAR_FILE).write_text(json.dumps({"format": "other/9"}))
-    with pytest.raises(ValueError, match="has format 'other/9'; expected 'diffkit.erasure/1'"):
+    with pytest.raises(ValueError, match=r"erasure.json is not a diffkit.erasure file \(format 'other/9', "
+                                         r"expected 'diffkit.erasure/1'\)"):
         pipe.load_erasure(bad)
     (bad / SIDECAR_FILE).write_text((artifacts["esd-u"].path / SIDECAR_FILE).read_text())
     with pytest.raises(ValueError, match="lacks erasure.safetensors"):

@@ -151,3 +151,36 @@ def test_summary_table_lists_every_job():
     assert table[0].split()[:4] == ["job", "method", "concept", "status"]
     assert table[2].split() == ["esd-red", "esd", "red", "trained", "3", "0.5", "1.2"]
     assert table[3].split() == ["esd-x", "esd", "red", "failed:", "boom", "3", "-", "0.1"]
+
+
+def test_erase_help_names_every_method(capsys):
+    from diffkit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    text = next(c.help for c in sub._choices_actions if c.dest == "erase")
+    assert all(m in text for m in ("ESD", "SalUn", "AdvUnlearn", "DoCo")), text
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", "-1"], "--seed must be an integer in [0, 2**63), got -1"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got 'inf'"),
+    (["--saliency-fraction", "0"], "--saliency-fraction must be in (0, 1], got 0.0"),
+    (["--resolution", "60"], "--resolution must be a multiple of 8 >= 8, got 60"),
+    (["--sample-steps", "5000"], "--sample-steps must be in [1, 1000], got 5000"),
+    (["--concept", ""], "--concept must be non-blank text"),
+])
+def test_erase_refuses_before_loading(tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr("diffkit.cli.load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    assert main(["erase", "--concept", "red", "--out", str(tmp_path / "e"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"diffkit: error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "e").exists()
+
+
+def test_erase_out_is_a_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("diffkit.cli.load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    (tmp_path / "f").write_text("x")
+    for argv in (["erase", "--concept", "red"], ["erase-batch", str(tmp_path / "f")]):
+        assert main([*argv, "--out", str(tmp_path / "f")]) == 2
+        err = capsys.readouterr().err
+        assert err == f"diffkit: error: --out must be a folder, but {str(tmp_path / 'f')!r} is a file\n"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffkit.guidance import SUPPORTED_SCHEDULERS, from_denoised, noise_level, to_denoised, to_epsilon
-from diffkit.guidance.space import current_step_index
+from diffkit.noise import current_step_index
 from diffkit.zoo.tiny import SD_SCHEDULER
 
 STEPS = 6

@@ -50,13 +50,13 @@ def test_prune_resumes_from_its_checkpoint(tmp_path):
     out = tmp_path / "spec"
     one_prompt = [a for a in BASE if a != "a blue circle"]
     assert main([*one_prompt, "--target-reduction", "0.1", "--out", str(out)]) == 0
-    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    state = json.loads((out / "checkpoint" / "masks.json").read_text())
     assert state["step"] == 1
     # two more epochs: resumes at step 1 and runs to 3
     argv = [*one_prompt, "--target-reduction", "0.1", "--out", str(out)]
     argv[argv.index("--epochs") + 1] = "3"
     assert main(argv) == 0
-    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    state = json.loads((out / "checkpoint" / "masks.json").read_text())
     assert [h["step"] for h in state["history"]] == [1, 2, 3]
 
 
@@ -68,7 +68,7 @@ def test_prune_resumes_from_its_checkpoint(tmp_path):
     (["--target-reduction", "0.2", "--kinds", "heads,neurons"], "--kinds must be a comma list of heads, ffn, channels"),
     (["--keep-channels", "0.5", "--kinds", "heads,ffn"], "--keep-channels given but channels is not in --kinds"),
     (["--target-reduction", "0.2", "--scheduler", "dpm"], "--scheduler must be one of keep, ddim, euler"),
-    (["--target-reduction", "0.2", "--multiple", "0"], "--multiple must be >= 1, got 0"),
+    (["--target-reduction", "0.2", "--multiple", "0"], "--multiple must be a positive integer, got 0"),
     (["--target-reduction", "0.2", "--steps", "0"], "--steps must be a positive integer, got 0"),
     (["--target-reduction", "0.2", "--logits", "/nonexistent/l.safetensors"],
      "--logits file '/nonexistent/l.safetensors' does not exist"),
@@ -94,3 +94,42 @@ def test_prune_needs_prompts_and_matching_logits(tmp_path, capsys):
     err = capsys.readouterr().err
     unit = find_units(build_tiny_pipeline("sd15").unet)[0].name
     assert rc == 2 and f"has no logits for module {unit}" in err
+
+
+def _no_load(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("a model was loaded for a refused command line")
+
+    monkeypatch.setattr("diffkit.cli.load_pipeline", fail)
+
+
+def test_prune_truncated_logits_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import save_file
+
+    _no_load(monkeypatch)
+    path = tmp_path / "l.safetensors"
+    save_file({"x": torch.zeros(64)}, str(path))
+    path.write_bytes(path.read_bytes()[:40])
+    rc = main(["prune", "--model", "zoo:sd15", "--logits", str(path), "--target-reduction", "0.2",
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"diffkit: error: cannot read --logits {str(path)!r}: ") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra, msg", [
+    (["--guidance-scale", "-1"], "--guidance-scale must be >= 0, got -1.0"),
+    (["--height", "-64"], "--height must be a multiple of 8 >= 8, got -64"),
+    (["--height", "7"], "--height must be a multiple of 8 >= 8, got 7"),
+    (["--width=-8"], "--width must be a multiple of 8 >= 8, got -8"),
+    (["--seed", "-1"], r"--seed must be an integer in \[0, 2\*\*63\), got -1"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got 'nan'"),
+    (["--keep-heads", "inf"], "--keep-heads must be a finite number in"),
+    (["--out", __file__], "--out must be a folder, but .* is a file"),
+])
+def test_prune_refuses_before_loading(tmp_path, capsys, monkeypatch, extra, msg):
+    _no_load(monkeypatch)
+    rc = main([*BASE, "--target-reduction", "0.2", "--out", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and re.search("^diffkit: error: " + msg, err), err
+    assert not (tmp_path / "o").exists()

@@ -148,8 +148,8 @@ def test_learn_masks_runs_checkpoints_and_resumes(load_tiny, tmp_path):
     assert set(full.logits) == {u.name for u in units}
     changed = sum(int((v != 3.0).sum()) for v in full.logits.values())
     assert changed == sum(u.size for u in units)  # the L1 penalty moves every logit
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
-        "logits.safetensors", "optimizer.safetensors", "state.json"]
+    # One step-named tensor file (logits + AdamW state) and the pointer that names it.
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["masks-00000006.safetensors", "masks.json"]
     # interrupted after 3 steps (last checkpoint at step 3), then resumed in a new call
     part = learn_masks(load_tiny("sd15"), prompts, cfg, checkpoint_dir=tmp_path / "b", progress=False, stop_after=3)
     assert part.steps_done == 3
@@ -181,9 +181,9 @@ def test_checkpoint_of_another_unet_is_refused(load_tiny, tiny_paths, tmp_path):
     wider = diffkit.to_diffkit(build_tiny_pipeline("sdxl"))
     with pytest.raises(ValueError, match="was made for a U-Net with other architecture; remove it"):
         learn_masks(wider, prompts, cfg, checkpoint_dir=tmp_path / "c", progress=False)
-    state = json.loads((tmp_path / "c" / "state.json").read_text())
+    state = json.loads((tmp_path / "c" / "masks.json").read_text())
     state.pop("unet_fingerprint")  # as written before checkpoints recorded the U-Net
-    (tmp_path / "c" / "state.json").write_text(json.dumps(state))
+    (tmp_path / "c" / "masks.json").write_text(json.dumps(state))
     with pytest.raises(ValueError, match="does not record which U-Net it was made for; remove it"):
         learn_masks(load_tiny("sd15"), prompts, cfg, checkpoint_dir=tmp_path / "c", progress=False)
 
@@ -294,9 +294,13 @@ def test_bf16_mixed_precision_learning_tracks_float32(load_tiny):
 
 
 def test_learning_refuses_a_hooked_unet(load_tiny):
+    """Hooks put on the bare U-Net outside the pipeline's features are refused (the pipeline's own
+    DeepCache is suspended for the job instead: tests/test_lifecycle.py)."""
+    from diffkit.cache import apply_deepcache
+
     pipe = load_tiny("sd15")
-    pipe.enable_deepcache(interval=3)
-    with pytest.raises(ValueError, match=r"active hooks \(.*\).*pipe.disable_deepcache\(\)"):
+    apply_deepcache(pipe.unet, interval=3)
+    with pytest.raises(ValueError, match=r"active hooks \(diffkit.deepcache\).*remove them before mask learning"):
         learn_masks(pipe, ["a red star"], MaskLearningConfig(num_inference_steps=2, epochs=1), progress=False)
     with pytest.raises(ValueError, match="prompts must not be empty"):
         learn_masks(pipe, [], MaskLearningConfig(num_inference_steps=2, epochs=1), progress=False)

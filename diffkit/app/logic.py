@@ -6,8 +6,14 @@ unit-tested without a browser.
 Concurrency: the pipeline is shared by every user of the page, and several features work by changing it
 for the duration of a call (the scheduler, DeepCache's hooks, an erasure's patched tensors). Each request
 therefore configures, runs and restores the pipeline while holding the model's lock; per-request values
-live only in the function's locals and its return value, so two users get their own results. Pruning
-rebuilds the U-Net physically and cannot be undone, so a pruned pipeline is a separate copy (cached).
+live only in the function's locals and its return value, so two users get their own results. Whatever
+fails inside a request (a corrupt artifact included), the ``finally`` blocks restore the pipeline and the
+``with`` releases the lock, so the next request finds the model as it was.
+
+Long jobs never hold that lock for their duration: pruning rebuilds the U-Net physically and cannot be
+undone, so a pruned pipeline is a separate copy (cached) whose spec is loaded outside the lock; an erasure
+job trains on a private copy of the trainable components (:meth:`DemoModel.private_copy`), taken under the
+lock in milliseconds, so other users' generations run while it trains.
 """
 
 from __future__ import annotations
@@ -24,7 +30,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .settings import SCHEDULERS, EditSettings, EraseSettings, GenerateSettings, GuidanceSettings, InputError
+from .settings import (
+    DEMO_ERASE_LR,
+    SCHEDULERS,
+    EditSettings,
+    EraseSettings,
+    GenerateSettings,
+    GuidanceSettings,
+    InputError,
+)
 
 
 class FeatureUnavailable(InputError):
@@ -111,6 +125,8 @@ class DemoModel:
         self.name = name
         self.note = note
         self.lock = threading.RLock()
+        #: One training job (Erase tab) at a time: it holds a private copy of the trainable components.
+        self.job_lock = threading.Lock()
         self.scheduler_config = dict(pipe.scheduler.config)
         self.max_pruned = max_pruned
         self._pruned: OrderedDict[str, object] = OrderedDict()
@@ -123,28 +139,48 @@ class DemoModel:
     def device(self) -> torch.device:
         return self.pipe.unet.device
 
-    def pipeline_for(self, pruning: str | None):
-        """The base pipeline, or a copy whose U-Net carries the pruning spec ``pruning`` (call under the lock)."""
-        if pruning is None:
-            return self.pipe
-        if pruning in self._pruned:
-            self._pruned.move_to_end(pruning)
-            return self._pruned[pruning]
-        pipeline_method(self.pipe, "load_pruning", "Pruning")
-        components = dict(self.pipe.components)
-        components["unet"] = copy.deepcopy(self.pipe.unet)
+    def _pipeline_with(self, replaced: dict):
+        """A new pipeline object of the same class over the base pipeline's components, ``replaced`` swapped in."""
+        components = {**self.pipe.components, **replaced}
         if "requires_safety_checker" in inspect.signature(type(self.pipe).__init__).parameters:
             # Keep the loaded pipeline's choice (else diffusers warns about a None safety checker again).
             components["requires_safety_checker"] = bool(self.pipe.config.get("requires_safety_checker", False))
-        pruned = type(self.pipe)(**components)
-        pruned.set_progress_bar_config(disable=True)
+        copy_ = type(self.pipe)(**components)
+        copy_.set_progress_bar_config(disable=True)
+        return copy_
+
+    def private_copy(self):
+        """A pipeline whose trainable components (U-Net, text encoders) and scheduler are copies of the base
+        model's, for a job that changes them for a long time (erasure training); VAE and tokenizers are shared
+        (read-only). Takes the lock only for the copy, so no request's temporary changes are copied."""
+        with self.lock:
+            replaced = {name: copy.deepcopy(module) for name, module in self.pipe.components.items()
+                        if name in ("unet", "text_encoder", "text_encoder_2") and module is not None}
+            replaced["scheduler"] = type(self.pipe.scheduler).from_config(self.scheduler_config)
+        return self._pipeline_with(replaced)
+
+    def pipeline_for(self, pruning: str | None):
+        """The base pipeline, or a copy whose U-Net carries the pruning spec ``pruning`` (cached).
+
+        The U-Net is copied under the lock; the spec is loaded outside it, so other requests keep running.
+        """
+        if pruning is None:
+            return self.pipe
+        with self.lock:
+            if pruning in self._pruned:
+                self._pruned.move_to_end(pruning)
+                return self._pruned[pruning]
+            pipeline_method(self.pipe, "load_pruning", "Pruning")
+            unet = copy.deepcopy(self.pipe.unet)
+        pruned = self._pipeline_with({"unet": unet})
         try:
             pruned.load_pruning(pruning)
-        except (OSError, ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - any failure of a spec is the spec's; the copy is dropped
             raise InputError(f"The pruning spec {pruning!r} could not be loaded: {first_line(e)}") from None
-        self._pruned[pruning] = pruned
-        while len(self._pruned) > self.max_pruned:
-            self._pruned.popitem(last=False)
+        with self.lock:
+            self._pruned[pruning] = pruned
+            while len(self._pruned) > self.max_pruned:
+                self._pruned.popitem(last=False)
         return pruned
 
     def warm_up(self) -> None:
@@ -207,13 +243,8 @@ def configured(model: DemoModel, pipe, settings: GenerateSettings):
         pipe.scheduler = make_scheduler(settings.scheduler, model.scheduler_config)
         check_scheduler_supports(settings.guidance.method, pipe.scheduler)
         if settings.erasure:
-            load = pipeline_method(pipe, "load_erasure", "Erasure")
             before = len(getattr(pipe, "loaded_erasures", []))
-            try:
-                load(settings.erasure)
-            except (OSError, ValueError, KeyError) as e:
-                raise InputError(f"The erasure artifact {settings.erasure!r} could not be loaded: {first_line(e)}") \
-                    from None
+            load_erasure_safely(pipe, settings.erasure)
             undo.callback(_unload_erasures, pipe, before)
         if settings.deepcache.enabled:
             enable = pipeline_method(pipe, "enable_deepcache", "DeepCache")
@@ -230,6 +261,37 @@ def _unload_erasures(pipe, keep: int) -> None:
     # unload_erasure() removes every loaded erasure; the demo never keeps one across requests (keep == 0).
     if len(getattr(pipe, "loaded_erasures", [])) > keep:
         pipe.unload_erasure()
+
+
+def load_erasure_safely(pipe, path: str) -> None:
+    """``pipe.load_erasure(path)``, all or nothing: on any failure the tensors the artifact names are put back
+    bit-identically (whatever the library left half-applied) and an InputError says what was wrong.
+
+    The artifact is read once first to learn which tensors it names; one that cannot be read is refused
+    before anything is touched.
+    """
+    load = pipeline_method(pipe, "load_erasure", "Erasure")
+    from diffkit.erasure.artifact import read_artifact
+    from diffkit.erasure.selection import components_of, get_parameter
+
+    def refused(e: BaseException) -> InputError:
+        return InputError(f"The erasure artifact {path!r} could not be loaded: {first_line(e)}")
+
+    before = len(getattr(pipe, "loaded_erasures", []))
+    try:
+        components = components_of(pipe)
+        names = read_artifact(path).names
+        saved = {q: get_parameter(components, q).detach().clone() for q in names}
+    except Exception as e:  # noqa: BLE001 - unreadable, or made for another model: nothing was changed
+        raise refused(e) from None
+    try:
+        load(path)
+    except Exception as e:  # noqa: BLE001
+        _unload_erasures(pipe, before)
+        with torch.no_grad():
+            for q, value in saved.items():
+                get_parameter(components, q).copy_(value)
+        raise refused(e) from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,20 +321,26 @@ def _sync(device) -> None:
 
 def generate(model: DemoModel, settings: GenerateSettings) -> Generation:
     """One image for ``settings`` (seeded on the CPU, so every device draws the same noise) and its wall time."""
-    guidance = make_guidance(settings.guidance)
+    make_guidance(settings.guidance)  # refuse bad guidance values before building anything
+    pipe = model.pipeline_for(settings.pruning)  # builds a pruned copy outside the lock
     with model.lock:
-        pipe = model.pipeline_for(settings.pruning)
-        with configured(model, pipe, settings):
-            generator = torch.Generator().manual_seed(settings.seed)
-            _sync(model.device)
-            start = time.perf_counter()
-            try:
-                out = pipe(settings.prompt, negative_prompt=settings.negative_prompt or None,
-                           num_inference_steps=settings.steps, guidance=guidance, generator=generator)
-            except ValueError as e:  # the library's messages for settings that do not fit together
-                raise InputError(f"These settings cannot run together: {first_line(e)}") from None
-            _sync(model.device)
-            seconds = time.perf_counter() - start
+        return render(model, pipe, settings)
+
+
+def render(model: DemoModel, pipe, settings: GenerateSettings) -> Generation:
+    """:func:`generate` on ``pipe``: hold ``model.lock`` when ``pipe`` is shared; a private copy needs none."""
+    guidance = make_guidance(settings.guidance)
+    with configured(model, pipe, settings):
+        generator = torch.Generator().manual_seed(settings.seed)
+        _sync(model.device)
+        start = time.perf_counter()
+        try:
+            out = pipe(settings.prompt, negative_prompt=settings.negative_prompt or None,
+                       num_inference_steps=settings.steps, guidance=guidance, generator=generator)
+        except ValueError as e:  # the library's messages for settings that do not fit together
+            raise InputError(f"These settings cannot run together: {first_line(e)}") from None
+        _sync(model.device)
+        seconds = time.perf_counter() - start
     return Generation(out.images[0], seconds, settings)
 
 
@@ -390,12 +458,20 @@ class EraseResult:
 
 
 def erasure_config(s: EraseSettings):
-    """The engine's job for the Erase tab; the retain prompt is also the job's retain set."""
+    """The engine's job for the Erase tab.
+
+    The concept is trained as the word and as the forget prompt (ESD's x_t are sampled from these), so the
+    forget prompt itself loses the concept within a demo's few dozen steps; the retain prompt is the job's
+    retain set. An empty learning rate takes the demo's default for the method (:data:`DEMO_ERASE_LR`),
+    else the method's own.
+    """
     from diffkit.erasure import ErasureConfig
 
+    concept = (s.concept,) if s.forget_prompt == s.concept else (s.concept, s.forget_prompt)
+    lr = s.lr if s.lr is not None else DEMO_ERASE_LR.get(s.method)
     try:
-        return ErasureConfig(method=s.method, concept=(s.concept,), retain_prompts=(s.retain_prompt,),
-                             steps=s.steps, lr=s.lr, seed=s.seed, sample_steps=s.sample_steps, checkpoint_every=s.steps)
+        return ErasureConfig(method=s.method, concept=concept, retain_prompts=(s.retain_prompt,), steps=s.steps,
+                             lr=lr, seed=s.seed, sample_steps=s.sample_steps, checkpoint_every=s.steps)
     except ValueError as e:
         raise InputError(f"Erasure job: {first_line(e)}") from None
 
@@ -406,11 +482,13 @@ def artifact_name(s: EraseSettings) -> str:
     return f"{s.method}-{slug}-{erasure_config(s).config_hash()[:8]}"
 
 
-def erase_concept(model: DemoModel, settings: EraseSettings, out_root) -> EraseResult:
-    """Train a short erasure on the loaded model, write its artifact under ``out_root`` and show its effect.
+def erase_concept(model: DemoModel, settings: EraseSettings, out_root, progress=None) -> EraseResult:
+    """Train a short erasure, write its artifact under ``out_root`` and show its effect.
 
-    Before/after images use the same seed (DDIM, CFG 7.5). The model is restored afterwards, so other users
-    keep the original model; the artifact can then be chosen in the Generate tab.
+    The job trains on :meth:`DemoModel.private_copy`: the shared pipeline is never changed, and other users'
+    generations only wait for the copy (milliseconds) and for the two "before" previews, which are ordinary
+    requests. Before/after images use the same seed (DDIM, CFG 7.5). ``progress(fraction, text)``, when
+    given, is called between the phases; the engine's own tqdm bar reports the training steps.
     """
     from pathlib import Path
 
@@ -419,21 +497,26 @@ def erase_concept(model: DemoModel, settings: EraseSettings, out_root) -> EraseR
     out = Path(out_root) / artifact_name(settings)
     previews = [GenerateSettings(prompt=p, seed=settings.seed, steps=settings.preview_steps, scheduler="DDIM")
                 for p in (settings.forget_prompt, settings.retain_prompt)]
-    with model.lock:
-        pipe = model.pipe
+    report = progress or (lambda fraction, text: None)
+    if not model.job_lock.acquire(blocking=False):
+        raise InputError("Another erasure job is running on this server; try again when it has finished.")
+    try:
+        report(0.0, "before images")
         before = [generate(model, p).image for p in previews]
+        work = model.private_copy()
+        report(0.05, f"training {settings.method} for {settings.steps} steps")
         start = time.perf_counter()
         try:
-            result = erase(pipe, config, out)  # leaves the erasure loaded (trained, or reused: "skipped")
-            if not getattr(pipe, "loaded_erasures", None):  # an engine that returns a reused artifact unloaded
-                pipe.load_erasure(str(out))
-            seconds = time.perf_counter() - start
-            after = [generate(model, p).image for p in previews]
+            result = erase(work, config, out, progress=True)  # leaves the erasure loaded on the copy
         except ValueError as e:
             raise InputError(f"Erasure failed: {first_line(e)}") from None
-        finally:
-            if getattr(pipe, "loaded_erasures", None):
-                pipe.unload_erasure()
+        seconds = time.perf_counter() - start
+        if not getattr(work, "loaded_erasures", None):  # an engine that returns a reused artifact unloaded
+            load_erasure_safely(work, str(out))
+        report(0.95, "after images")
+        after = [render(model, work, p).image for p in previews]
+    finally:
+        model.job_lock.release()
     return EraseResult(before[0], after[0], before[1], after[1], str(out), result.status, seconds,
                        psnr_db(before[1], after[1]))
 

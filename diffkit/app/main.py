@@ -77,14 +77,20 @@ def prepare(argv=None):
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype)
 
-    from .ui import CSS, Handlers, build_demo
+    from .ui import CSS, Handlers, build_demo, launch_options
 
     model = load_model(args.model, device, dtype)
     if not args.no_warmup:
         model.warm_up()
     demo = build_demo(Handlers(model, args.pruning_dir, args.erasure_dir))
     demo.queue(default_concurrency_limit=2)
-    launch = dict(server_name=args.host, server_port=args.port, share=args.share, css=CSS)
+    # launch() reads GRADIO_ALLOWED_PATHS whenever allowed_paths is empty; the demo serves no extra folder.
+    if os.environ.pop("GRADIO_ALLOWED_PATHS", None):
+        print("app.py: ignoring GRADIO_ALLOWED_PATHS: the demo serves only its uploads and outputs",
+              file=sys.stderr)
+    model_dir = args.model if args.model and os.path.isdir(args.model) else reference_model_path()
+    launch = dict(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
+                  **launch_options(model_dir, args.pruning_dir, args.erasure_dir))
     return demo, launch
 
 

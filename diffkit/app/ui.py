@@ -3,19 +3,29 @@
 :class:`Handlers` turns widget values into results or a friendly message and never raises, so a request
 can never show a stack trace; its methods are plain functions, tested without a browser. ``build_demo``
 only lays out widgets and connects them.
+
+Files: the page takes exactly one file from clients, the Edit tab's image, and only one that Gradio's
+upload endpoint stored in its upload folder (:func:`foreign_file`, checked for every input of every event
+before Gradio reads any file). Images pass between tabs as server-side session state, never as a path the
+client sends back.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 from . import logic
 from .settings import (
     DEEPCACHE_SCHEDULES,
+    DEFAULT_ERASE_SAMPLE_STEPS,
+    DEFAULT_ERASE_STEPS,
     GUIDANCE_METHODS,
     MAX_ERASE_STEPS,
     MAX_STEPS,
     NONE_CHOICE,
+    PREFERRED_ERASE_METHOD,
     SCHEDULERS,
     InputError,
     check_int,
@@ -65,6 +75,44 @@ def friendly(exc: BaseException) -> str:
     return failure_text(exc)
 
 
+#: The message a request gets when it names a file the demo did not receive through its upload endpoint.
+FOREIGN_FILE_MESSAGE = "This demo only accepts files uploaded through its page."
+
+
+def upload_folder() -> Path:
+    """Gradio's upload (and cache) folder, where ``/gradio_api/upload`` stores what clients send."""
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder())
+
+
+def foreign_file(value, root: Path | None = None) -> str | None:
+    """The first file reference in ``value`` (an event's raw input, any nesting) that is not a file inside
+    the upload folder ``root``: a URL, or a path elsewhere (symlinks resolved); None when there is none.
+
+    Any dict with a string ``"path"`` counts as a file reference, with or without Gradio's ``meta`` marker,
+    so no Gradio version's way of recognising files can slip past it.
+    """
+    from gradio.utils import is_in_or_equal
+
+    root = upload_folder() if root is None else root
+    if isinstance(value, dict):
+        path = value.get("path")
+        if isinstance(path, str):
+            if "://" in path or path.startswith("data:") or not is_in_or_equal(path, root):
+                return path
+        for item in value.values():
+            found = foreign_file(item, root)
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            found = foreign_file(item, root)
+            if found is not None:
+                return found
+    return None
+
+
 class Handlers:
     """The page's event handlers over one shared :class:`~diffkit.app.logic.DemoModel`.
 
@@ -108,14 +156,16 @@ class Handlers:
             return None, None, None, friendly(e)
 
     # Erase ------------------------------------------------------------------------------------------
-    def erase(self, concept, method, forget_prompt, retain_prompt, steps, lr, sample_steps, seed):
-        """-> (before forget, after forget, before retain, after retain, status markdown)."""
+    def erase(self, concept, method, forget_prompt, retain_prompt, steps, lr, sample_steps, seed, progress=None):
+        """-> (before forget, after forget, before retain, after retain, status markdown).
+
+        ``progress(fraction, text)`` is told the job's phases (see :func:`logic.erase_concept`)."""
         try:
             settings = validate_erase(concept, method, forget_prompt, retain_prompt, steps, lr, sample_steps, seed,
                                       methods=logic.erasure_methods())
             if not self.erasure_dir:
                 raise InputError("No erasure folder is configured; start the app with --erasure-dir DIR.")
-            r = logic.erase_concept(self.model, settings, self.erasure_dir)
+            r = logic.erase_concept(self.model, settings, self.erasure_dir, progress=progress)
             return r.before_forget, r.after_forget, r.before_retain, r.after_retain, logic.format_erase(r)
         except Exception as e:  # noqa: BLE001
             return None, None, None, None, friendly(e)
@@ -131,6 +181,44 @@ def banner(model: logic.DemoModel) -> str:
     return "\n\n".join(lines)
 
 
+def uploads_only_blocks():
+    """``gr.Blocks`` that refuses, before Gradio moves or reads any file, every event whose inputs name a
+    file outside the upload folder (:func:`foreign_file`): the request fails with
+    :data:`FOREIGN_FILE_MESSAGE`, nothing is copied into Gradio's cache, so nothing becomes servable."""
+    import gradio as gr
+
+    class UploadsOnlyBlocks(gr.Blocks):
+        async def preprocess_data(self, block_fn, inputs, state, explicit_call=False):
+            if not explicit_call:  # explicit calls are the server's own Python calls, not a client's
+                for value in inputs:
+                    path = foreign_file(value)
+                    if path is not None:
+                        log.warning("refused a request naming the file %r (not an upload)", path)
+                        raise gr.Error(FOREIGN_FILE_MESSAGE, print_exception=False)
+            return await super().preprocess_data(block_fn, inputs, state, explicit_call)
+
+    return UploadsOnlyBlocks
+
+
+def launch_options(*private) -> dict:
+    """``launch()``'s file-access settings: no extra folder is served (``allowed_paths=[]``; Gradio's
+    ``GRADIO_ALLOWED_PATHS`` is ignored, see :func:`diffkit.app.main.prepare`); the package and the
+    ``private`` folders (model, artifact folders) are blocked, as are ``GRADIO_BLOCKED_PATHS``. A folder
+    that holds the upload folder is not blocked (that would block uploads). What remains servable is
+    Gradio's upload/cache folder: the uploads the page received and the images it produced."""
+    from gradio.utils import is_in_or_equal
+
+    candidates = [Path(logic.__file__).resolve().parents[1], *(Path(p).resolve() for p in private if p)]
+    extra = os.environ.get("GRADIO_BLOCKED_PATHS", "")
+    candidates += [Path(p.strip()).resolve() for p in extra.split(",") if p.strip()]
+    uploads = upload_folder()
+    blocked = []
+    for path in candidates:
+        if not is_in_or_equal(uploads, path) and str(path) not in blocked:
+            blocked.append(str(path))
+    return dict(allowed_paths=[], blocked_paths=blocked)
+
+
 def build_demo(handlers: Handlers):
     """The Blocks page (call ``.queue()`` and ``.launch()`` on it; see :mod:`diffkit.app.main`)."""
     import gradio as gr
@@ -138,13 +226,15 @@ def build_demo(handlers: Handlers):
     model = handlers.model
     pruning_choices, erasure_choices = handlers.artifact_choices()
     methods = logic.erasure_methods()
+    default_method = PREFERRED_ERASE_METHOD if PREFERRED_ERASE_METHOD in methods else (methods or [None])[0]
 
     def output_image(label, **kw):
         # PNG, not Gradio's default WebP: the page shows (and downloads) the exact pixels that were measured.
         return gr.Image(label=label, type="pil", format="png", interactive=False, height=IMAGE_HEIGHT,
                         elem_classes="pixelated", **kw)
 
-    with gr.Blocks(title="diffkit demo") as demo:
+    with uploads_only_blocks()(title="diffkit demo") as demo:
+        last_image = gr.State(None)  # the session's last configured image, kept on the server
         gr.Markdown("# diffkit demo\nFaster (DeepCache, pruning), better guided (APG, CFG++) and safer "
                     "(concept erasure) diffusers pipelines, side by side.")
         gr.Markdown(banner(model), elem_id="banner")
@@ -226,17 +316,19 @@ def build_demo(handlers: Handlers):
                     with gr.Row():
                         concept = gr.Dropdown(concepts, value=concepts[0] if concepts else None,
                                               allow_custom_value=True, label="Concept", elem_id="concept")
-                        erase_method = gr.Dropdown(methods, value=methods[0] if methods else None, label="Method",
+                        erase_method = gr.Dropdown(methods, value=default_method, label="Method",
                                                    elem_id="erase-method")
                     forget = gr.Textbox(label="Forget prompt", value=first[0], elem_id="forget-prompt")
                     retain = gr.Textbox(label="Retain prompt", value=first[1], elem_id="retain-prompt")
                     with gr.Row():
-                        erase_steps = gr.Number(label=f"Training steps (1-{MAX_ERASE_STEPS})", value=30, precision=0,
-                                                elem_id="erase-steps")
-                        erase_lr = gr.Textbox(label="Learning rate (empty: the method's default)", value="",
+                        erase_steps = gr.Number(label=f"Training steps (1-{MAX_ERASE_STEPS})",
+                                                value=DEFAULT_ERASE_STEPS, precision=0, elem_id="erase-steps")
+                        erase_lr = gr.Textbox(label="Learning rate (empty: the demo's default for the method)",
+                                              value="",
                                               placeholder="e.g. 1e-4", elem_id="erase-lr")
                     with gr.Row():
-                        sample_steps = gr.Number(label="Sampling steps", value=20, precision=0, elem_id="sample-steps")
+                        sample_steps = gr.Number(label="Sampling steps", value=DEFAULT_ERASE_SAMPLE_STEPS, precision=0,
+                                                 elem_id="sample-steps")
                         erase_seed = gr.Number(label="Seed", value=0, precision=0)
                     erase_run = gr.Button("Erase", variant="primary", elem_id="erase")
                 with gr.Column(scale=1):
@@ -249,40 +341,51 @@ def build_demo(handlers: Handlers):
                         after_retain = output_image("Retain prompt, after", elem_id="after-retain-image")
 
         # --- wiring -----------------------------------------------------------------------------------
+        # Events that only change the page are "private": no API endpoint, not listed (docs/app.md lists
+        # the public ones). Privacy is not the file guard: uploads_only_blocks() checks every event.
+        internal = dict(queue=False, api_visibility="private")
         method.change(lambda m: [gr.update(visible=m == x) for x in GUIDANCE_METHODS], method,
-                      [cfg_box, apg_box, cfgpp_box], queue=False)
-        deepcache.change(lambda on: gr.update(visible=bool(on)), deepcache, deepcache_box, queue=False)
+                      [cfg_box, apg_box, cfgpp_box], **internal)
+        deepcache.change(lambda on: gr.update(visible=bool(on)), deepcache, deepcache_box, **internal)
 
         def refresh_lists():
             p, e = handlers.artifact_choices()
             return gr.update(choices=p), gr.update(choices=e)
 
-        refresh.click(refresh_lists, None, [pruning, erasure], queue=False)
+        refresh.click(refresh_lists, None, [pruning, erasure], **internal)
         inputs = [compare, repeats, prompt, negative, seed, steps, scheduler, method, cfg_scale, apg_scale, apg_eta,
                   apg_norm, apg_momentum, cfgpp_scale, deepcache, dc_interval, dc_branch, dc_schedule, pruning, erasure]
         # One queue for every event that uses the model: requests wait their turn; the model's lock keeps two
         # running ones from configuring the shared pipeline at the same time.
-        gen_event = dict(fn=handlers.generate, inputs=inputs, outputs=[baseline_image, configured_image, status],
-                         concurrency_limit=2, concurrency_id="pipeline")
-        run.click(**gen_event)
-        prompt.submit(**gen_event)
+        def generate(last, *values):
+            baseline, configured, text = handlers.generate(*values)
+            return baseline, configured, text, configured if configured is not None else last
 
-        use_last.click(lambda im: im, configured_image, edit_image, queue=False)
+        gen_event = dict(fn=generate, inputs=[last_image, *inputs],
+                         outputs=[baseline_image, configured_image, status, last_image],
+                         concurrency_limit=2, concurrency_id="pipeline", api_name="generate")
+        run.click(**gen_event)
+        prompt.submit(**{**gen_event, "api_visibility": "private"})  # the same endpoint as the button
+
+        # "Use the last image" copies the server-side state; the client sends no file for it.
+        use_last.click(lambda im: im, last_image, edit_image, **internal)
         edit_run.click(handlers.edit, [edit_image, source, target, edit_scale, edit_steps],
                        [original, reconstruction, edited, edit_status], concurrency_limit=2,
-                       concurrency_id="pipeline")
+                       concurrency_id="pipeline", api_name="edit")
 
-        concept.change(lambda c: suggest_erase_prompts(c), concept, [forget, retain], queue=False)
+        concept.change(lambda c: suggest_erase_prompts(c), concept, [forget, retain], **internal)
 
         def run_erase(*values, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - Gradio's idiom
             progress(0, desc="erasing")
-            out = handlers.erase(*values)
+            out = handlers.erase(*values, progress=lambda fraction, text: progress(fraction, desc=text))
             return (*out, *refresh_lists())
 
+        # Training has its own queue (one job at a time) and works on a private copy of the model, so the
+        # "pipeline" queue keeps serving generations while it runs.
         erase_run.click(run_erase, [concept, erase_method, forget, retain, erase_steps, erase_lr, sample_steps,
                                     erase_seed],
                         [before_forget, after_forget, before_retain, after_retain, erase_status, pruning, erasure],
-                        concurrency_limit=2, concurrency_id="pipeline")
+                        concurrency_limit=1, concurrency_id="training", api_name="erase")
     return demo
 
 

@@ -1,16 +1,19 @@
-"""Pipeline methods: ``enable_deepcache`` / ``disable_deepcache`` (mixed into every diffkit pipeline).
+"""DeepCache as a lifecycle feature, and the pipeline verbs ``enable_deepcache`` / ``disable_deepcache``.
 
-The mechanism lives in :mod:`diffkit.cache.hook` and works on the bare U-Net; the pipeline only picks
-the U-Net, hands over its scheduler (read through the pipeline, so a scheduler swapped after enabling
-is the one used) and relies on ``GuidanceCallMixin`` resetting stateful U-Net hooks at every call.
+The mechanism lives in :mod:`diffkit.cache.hook` and works on the bare U-Net. The feature kind
+``"deepcache"`` (touches the U-Net forward; stage "forward"; reattachable) hands the hook the
+pipeline's scheduler (read through the pipeline, so a scheduler swapped after enabling is the one
+used) and its ControlNet; the pipeline call resets its cache (``FeatureSet.begin_call``).
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
+from ..lifecycle import FeatureKind, Touch, features_of, register_feature
 from .config import DeepCacheConfig
-from .hook import apply_deepcache, deepcache_config, deepcache_stats, remove_deepcache
+from .hook import apply_deepcache, deepcache_config, deepcache_stats, remove_deepcache, reset_deepcache
 
 
 class _PipelineScheduler:
@@ -25,6 +28,33 @@ class _PipelineScheduler:
         return None if pipe is None else pipe.scheduler.timesteps
 
 
+@dataclass
+class DeepCacheState:
+    unet: object
+
+    def reset(self) -> None:
+        reset_deepcache(self.unet)
+
+
+def _attach(pipe, config: DeepCacheConfig) -> DeepCacheState:
+    apply_deepcache(pipe.unet, config, scheduler=_PipelineScheduler(pipe), controlnet=getattr(pipe, "controlnet", None))
+    return DeepCacheState(pipe.unet)
+
+
+def _update(pipe, state: DeepCacheState, config: DeepCacheConfig) -> DeepCacheState:
+    return _attach(pipe, config)  # apply_deepcache keeps the hooks when the branch is unchanged
+
+
+def _detach(pipe, state: DeepCacheState) -> None:
+    remove_deepcache(state.unet)
+
+
+DEEPCACHE = register_feature(FeatureKind(
+    "deepcache", Touch.UNET_FORWARD, "forward", _attach, _detach, reattachable=True, update=_update,
+    describe=lambda c: f"interval={c.interval}, branch={c.branch}, {c.schedule}",
+))
+
+
 class DeepCacheMixin:
     def enable_deepcache(self, interval: int = 3, branch: int = 0, schedule: str = "uniform",
                          center: int | None = None, power: float = 1.4) -> DeepCacheConfig:
@@ -35,15 +65,16 @@ class DeepCacheMixin:
         branch k is k - 1); ``schedule``: ``"uniform"`` or ``"non-uniform"`` (eq. 7, denser full steps
         around step ``center``, exponent ``power``). See :class:`diffkit.cache.DeepCacheConfig`.
         ControlNet pipelines run the ControlNet's shallow branch on cached steps too. Calling it again
-        replaces the settings. Returns the config in force.
+        replaces the settings. Returns the config in force. A thin call of
+        ``pipe.features.attach("deepcache", config)``.
         """
         config = DeepCacheConfig(interval=interval, branch=branch, schedule=schedule, center=center, power=power)
-        return apply_deepcache(self.unet, config, scheduler=_PipelineScheduler(self),
-                               controlnet=getattr(self, "controlnet", None))
+        features_of(self).attach("deepcache", config)
+        return config
 
     def disable_deepcache(self) -> None:
         """Remove DeepCache; the U-Net then computes exactly as if it had never been enabled."""
-        remove_deepcache(self.unet)
+        features_of(self).detach_all("deepcache")
 
     @property
     def deepcache(self) -> DeepCacheConfig | None:

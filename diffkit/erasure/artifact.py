@@ -17,73 +17,40 @@ file, then ``os.replace``); the JSON is written last and marks the artifact comp
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-FORMAT = "diffkit.erasure/1"
+from ..artifacts import (
+    CHECKSUM_DTYPES,
+    ArtifactError,
+    SidecarSchema,
+    atomic_save_safetensors,
+    atomic_write_json,
+    config_hash,
+    fingerprint,
+    load_safetensors,
+    read_json,
+    tensor_checksum,
+    tensor_checksums,
+)
+
+__all__ = ["CHECKSUM_DTYPES", "FORMAT", "SCHEMA", "Artifact", "ArtifactError", "base_fingerprint", "config_hash",
+           "is_complete", "read_artifact", "read_sidecar", "tensor_checksum", "tensor_checksums", "write_artifact"]
+
+SCHEMA = SidecarSchema("diffkit.erasure", 1, reads=(1,), required=("method", "base_model", "tensor_names",
+                                                                   "encoding", "shapes"))
+FORMAT = SCHEMA.format
 TENSORS_FILE = "erasure.safetensors"
 SIDECAR_FILE = "erasure.json"
-CHECKSUM_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def tensor_checksum(t: torch.Tensor) -> str:
-    """SHA-256 of a tensor's raw bytes (dtype-specific)."""
-    data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(data.tobytes()).hexdigest()
-
-
-def tensor_checksums(t: torch.Tensor) -> dict[str, str]:
-    """The checksum of the tensor cast to each of float32 / float16 / bfloat16."""
-    base = t.detach().to("cpu")
-    return {name: tensor_checksum(base.to(dtype)) for name, dtype in CHECKSUM_DTYPES.items()}
-
-
-def config_hash(module: torch.nn.Module) -> str:
-    """Hash of a component's architecture config (book-keeping keys like versions and dtype dropped)."""
-    cfg = module.config
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    skip = {"transformers_version", "torch_dtype", "dtype", "architectures", "name_or_path"}
-    clean = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in skip}
-    return hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def base_fingerprint(components: dict[str, torch.nn.Module], originals: dict[str, torch.Tensor]) -> dict:
-    """The fingerprint of the base model restricted to what an artifact touches."""
-    touched = sorted({q.split(".", 1)[0] for q in originals})
-    comps = {c: config_hash(components[c]) for c in touched}
-    tensors = {q: tensor_checksums(originals[q]) for q in sorted(originals)}
-    digest = hashlib.sha256(json.dumps([comps, tensors], sort_keys=True).encode()).hexdigest()[:16]
-    return {"fingerprint": digest, "components": comps, "tensors": tensors}
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; artifacts are meant to be shared
-    os.replace(tmp, path)
+    """The fingerprint of the base model restricted to what an artifact touches (the kernel's)."""
+    return fingerprint(components, originals)
 
 
 VALUES, BITS = "masked_values/", "masked_bits/"
@@ -159,11 +126,11 @@ def write_artifact(out: str | Path, tensors: dict[str, torch.Tensor], sidecar: d
         else:
             stored[q] = t
             encoding[q] = "dense"
-    atomic_save_tensors(out / TENSORS_FILE, stored, metadata={"format": FORMAT})
+    atomic_save_safetensors(out / TENSORS_FILE, stored, metadata={"format": FORMAT})
     storage = (out / TENSORS_FILE).stat().st_size
     shapes = {q: list(tensors[q].shape) for q in names}
     atomic_write_json(out / SIDECAR_FILE, {"format": FORMAT, **sidecar, "tensor_names": names, "encoding": encoding,
-                                          "shapes": shapes, "storage_bytes": storage})
+                                          "shapes": shapes, "storage_bytes": storage}, indent=2)
     return out
 
 
@@ -175,17 +142,12 @@ def is_complete(out: str | Path) -> bool:
 def read_sidecar(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():
-        raise ValueError(f"erasure artifact {str(path)!r} is not a directory")
+        raise ArtifactError(f"erasure artifact {str(path)!r} is not a directory")
     side = path / SIDECAR_FILE
     if not side.is_file():
-        raise ValueError(f"{str(path)!r} is not an erasure artifact: {SIDECAR_FILE} is missing")
-    try:
-        data = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {side}: {e}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{side} has format {data.get('format') if isinstance(data, dict) else None!r}; "
-                         f"expected {FORMAT!r}")
+        raise ArtifactError(f"{str(path)!r} is not an erasure artifact: {SIDECAR_FILE} is missing")
+    data = read_json(side)
+    SCHEMA.version_of(data, side)
     return data
 
 
@@ -194,12 +156,24 @@ def read_artifact(path: str | Path) -> Artifact:
     sidecar = read_sidecar(path)
     tfile = path / TENSORS_FILE
     if not tfile.is_file():
-        raise ValueError(f"erasure artifact {str(path)!r} lacks {TENSORS_FILE}")
-    tensors = load_file(str(tfile))
+        raise ArtifactError(f"erasure artifact {str(path)!r} lacks {TENSORS_FILE}")
+    SCHEMA.validate(sidecar, path / SIDECAR_FILE)
+    tensors = load_safetensors(tfile)
     encoding = sidecar.get("encoding", {})
     expected = set()
     for q in sidecar.get("tensor_names", []):
         expected |= {VALUES + q, BITS + q} if encoding.get(q) == "masked" else {q}
     if set(tensors) != expected or set(encoding) != set(sidecar.get("tensor_names", [])):
-        raise ValueError(f"erasure artifact {str(path)!r}: {TENSORS_FILE} and {SIDECAR_FILE} disagree on tensors")
-    return Artifact(path, sidecar, tensors)
+        raise ArtifactError(f"erasure artifact {str(path)!r}: {TENSORS_FILE} and {SIDECAR_FILE} disagree on tensors")
+    artifact = Artifact(path, sidecar, tensors)
+    for q in artifact.names:  # a stored tensor must hold what the sidecar says (a corrupt file is refused whole)
+        shape = artifact.shape(q)
+        if artifact.encoding(q) == "dense":
+            ok = tuple(tensors[q].shape) == shape
+        else:
+            ok = tensors[BITS + q].numel() == (math.prod(shape) + 7) // 8 and \
+                tensors[VALUES + q].numel() == int(artifact.mask(q).sum())
+        if not ok:
+            raise ArtifactError(f"erasure artifact {str(path)!r}: tensor {q} does not have the shape {list(shape)} "
+                                f"its {SIDECAR_FILE} records")
+    return artifact

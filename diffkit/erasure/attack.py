@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..noise import add_noise, prediction_target, training_level
 from .conditioning import PromptEncoder
 from .sampling import ddim_scheduler
 
@@ -101,8 +102,9 @@ def diffusion_attack_loss(unet, scheduler, target_latents: torch.Tensor, generat
         b = target_latents.shape[0]
         t = torch.randint(0, T, (b,), generator=generator).to(target_latents.device)
         noise = torch.randn(target_latents.shape, generator=generator).to(target_latents)
-        x_t = scheduler.add_noise(target_latents, noise, t)
-        target = noise if prediction_type == "epsilon" else scheduler.get_velocity(target_latents, noise, t)
+        level = training_level(scheduler.alphas_cumprod, t)
+        x_t = add_noise(target_latents, noise, level).to(target_latents.dtype)
+        target = prediction_target(target_latents, noise, level, prediction_type)
         emb = embeds.expand(b, -1, -1) if embeds.shape[0] == 1 else embeds
         pred = unet(x_t, t, encoder_hidden_states=emb.to(unet.dtype)).sample.float()
         return F.mse_loss(pred, target.float())

@@ -1,5 +1,6 @@
 """Training checkpoints: trained tensors, Adam state and RNG state (safetensors) + a JSON pointer.
 
+Through the artifact kernel's :class:`~diffkit.artifacts.CheckpointStore`:
 ``checkpoint-<step>.safetensors`` is written first (atomically), then ``checkpoint.json`` names it
 (atomically), then older checkpoint files are removed; a kill at any point leaves the previous complete
 checkpoint readable. With the RNG state restored, a resumed job continues with exactly the draws an
@@ -8,13 +9,11 @@ uninterrupted one would make, so both end with the same artifact.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from .artifact import atomic_save_tensors, atomic_write_json
+from ..artifacts import CheckpointStore
 
 POINTER = "checkpoint.json"
 
@@ -22,8 +21,6 @@ POINTER = "checkpoint.json"
 def save_checkpoint(folder: str | Path, step: int, params: dict[str, torch.nn.Parameter], optimizer,
                     rng: torch.Generator, info: dict, extra: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the state after ``step`` completed steps. ``optimizer`` is a torch Adam over ``params``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"param/{q}": p.detach() for q, p in params.items()}
     state = optimizer.state_dict()["state"]
     for i, q in enumerate(params):
@@ -31,13 +28,7 @@ def save_checkpoint(folder: str | Path, step: int, params: dict[str, torch.nn.Pa
             tensors[f"adam/{q}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng/loop"] = rng.get_state()
     tensors.update({f"method/{k}": v.detach() for k, v in (extra or {}).items()})  # a method's own state
-    name = f"checkpoint-{step:08d}.safetensors"
-    atomic_save_tensors(folder / name, tensors)
-    atomic_write_json(folder / POINTER, {**info, "step": step, "file": name, "tensors": list(params)})
-    for old in folder.glob("checkpoint-*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
-    return folder / name
+    return CheckpointStore(folder).save(step, tensors, {**info, "tensors": list(params)})
 
 
 def method_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -47,12 +38,7 @@ def method_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def read_checkpoint(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
     """(info, tensors) of the latest complete checkpoint, or None when there is none."""
-    folder = Path(folder)
-    pointer = folder / POINTER
-    if not pointer.is_file():
-        return None
-    info = json.loads(pointer.read_text(encoding="utf-8"))
-    return info, load_file(str(folder / info["file"]))
+    return CheckpointStore(folder).load()
 
 
 def restore_checkpoint(tensors: dict[str, torch.Tensor], params: dict[str, torch.nn.Parameter], optimizer,

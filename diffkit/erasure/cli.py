@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from diffkit.cli_validation import Float, Int, OutputDir, Seed, Text
+
 #: CLI flag (dest) -> ErasureConfig field, for flags that override the job file.
 _FIELD_FLAGS = {
     "method": "method", "concept": "concept", "anchor": "anchor", "retain": "retain_prompts",
@@ -18,44 +20,53 @@ _FIELD_FLAGS = {
 
 def register(subparsers) -> None:
     e = subparsers.add_parser(
-        "erase", help="erase a concept (ESD or SalUn) and write an erasure artifact",
+        "erase", help="erase a concept (ESD, SalUn, AdvUnlearn or DoCo) and write an erasure artifact",
         description="Fine-tune away a concept and write an artifact (changed tensors + JSON sidecar) to --out. "
                     "Flags override the --config job file. Re-running resumes from the last checkpoint.")
-    e.add_argument("--model", default=None, help="pipeline folder, hub id or zoo:sd15 (default: reference model)")
-    e.add_argument("--method", default=None, help="esd, salun, advunlearn or doco (default esd)")
-    e.add_argument("--concept", action="append", default=None, help="concept prompt/word to erase (repeatable)")
-    e.add_argument("--anchor", default=None, help='what the concept maps to (default "": ESD\'s equation)')
-    e.add_argument("--retain", action="append", default=None, help="retain prompt (repeatable; SalUn needs some)")
-    e.add_argument("--config", default=None, help="YAML job file with ErasureConfig fields")
-    e.add_argument("--out", required=True, help="artifact folder (also holds the checkpoint while training)")
-    e.add_argument("--parameters", default=None, help="preset: esd-x, esd-x-strict, esd-u, esd-all, unet-all, "
-                                                       "text-encoder (regex lists: in the job file)")
-    e.add_argument("--steps", type=int, default=None, help="optimisation steps (default 200)")
-    e.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-5)")
-    e.add_argument("--batch-size", type=int, default=None, help="global batch (default: esd 1, salun 8)")
-    e.add_argument("--seed", type=int, default=None, help="seed (default 0)")
-    e.add_argument("--eta", type=float, default=None, help="ESD negative guidance (default 1)")
-    e.add_argument("--beta", type=float, default=None, help="SalUn retain-loss weight (default 0.5)")
-    e.add_argument("--saliency-fraction", type=float, default=None, help="SalUn salient share (default 0.5)")
-    e.add_argument("--sample-steps", type=int, default=None, help="DDIM steps of the original model's sampling")
-    e.add_argument("--num-images", type=int, default=None, help="SalUn forget/retain images (default 8)")
-    e.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: native)")
-    e.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default 50)")
-    e.add_argument("--mixed-precision", default=None, help="no, fp16 or bf16 (default no)")
+    e.add_argument("--model", default=None, type=Text(),
+                   help="pipeline folder, hub id or zoo:sd15 (default: reference model)")
+    e.add_argument("--method", default=None, type=Text(), help="esd, salun, advunlearn or doco (default esd)")
+    e.add_argument("--concept", action="append", default=None, type=Text(),
+                   help="concept prompt/word to erase (repeatable)")
+    e.add_argument("--anchor", default=None, type=Text(blank_ok=True),
+                   help='what the concept maps to (default "": ESD\'s equation)')
+    e.add_argument("--retain", action="append", default=None, type=Text(),
+                   help="retain prompt (repeatable; SalUn needs some)")
+    e.add_argument("--config", default=None, type=Text(), help="YAML job file with ErasureConfig fields")
+    e.add_argument("--out", required=True, type=OutputDir(),
+                   help="artifact folder (also holds the checkpoint while training)")
+    e.add_argument("--parameters", default=None, type=Text(),
+                   help="preset: esd-x, esd-x-strict, esd-u, esd-all, unet-all, text-encoder (regex lists: in the "
+                        "job file)")
+    e.add_argument("--steps", type=Int(1), default=None, help="optimisation steps (default 200)")
+    e.add_argument("--lr", type=Float(0, low_open=True), default=None, help="Adam learning rate (default 1e-5)")
+    e.add_argument("--batch-size", type=Int(1), default=None, help="global batch (default: esd 1, salun 8)")
+    e.add_argument("--seed", type=Seed(), default=None, help="seed in [0, 2**63) (default 0)")
+    e.add_argument("--eta", type=Float(0, low_open=True), default=None, help="ESD negative guidance (default 1)")
+    e.add_argument("--beta", type=Float(0), default=None, help="SalUn retain-loss weight (default 0.5)")
+    e.add_argument("--saliency-fraction", type=Float(0, 1, low_open=True), default=None,
+                   help="SalUn salient share, in (0, 1] (default 0.5)")
+    e.add_argument("--sample-steps", type=Int(1, 1000), default=None,
+                   help="DDIM steps of the original model's sampling, 1 to 1000")
+    e.add_argument("--num-images", type=Int(1), default=None, help="SalUn forget/retain images (default 8)")
+    e.add_argument("--resolution", type=Int(8, multiple=8), default=None,
+                   help="image side in pixels, a multiple of 8 (default: native)")
+    e.add_argument("--checkpoint-every", type=Int(1), default=None, help="steps between checkpoints (default 50)")
+    e.add_argument("--mixed-precision", default=None, type=Text(), help="no, fp16 or bf16 (default no)")
     e.add_argument("--gradient-checkpointing", action="store_true", default=None, help="trade compute for memory")
     e.add_argument("--preserve-gradient", action=argparse.BooleanOptionalAction, default=None,
                    help="concept-preserving gradient surgery against retain prompts (default: on for doco only)")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--quiet", action="store_true", help="no progress bars (also none of model loading)")
     e.set_defaults(func=run)
 
     b = subparsers.add_parser(
         "erase-batch", help="run many erasure jobs (concepts x methods) from a YAML file",
         description="Run every job of a batch file; one artifact folder per job under --out. Finished jobs are "
                     "skipped, interrupted ones resume, failing ones are reported; a summary table ends the run.")
-    b.add_argument("jobs", help="batch YAML file")
-    b.add_argument("--out", required=True, help="folder for the artifacts")
-    b.add_argument("--model", default=None, help="overrides the batch file's model")
-    b.add_argument("--quiet", action="store_true", help="no progress bars")
+    b.add_argument("jobs", type=Text(), help="batch YAML file")
+    b.add_argument("--out", required=True, type=OutputDir(), help="folder for the artifacts")
+    b.add_argument("--model", default=None, type=Text(), help="overrides the batch file's model")
+    b.add_argument("--quiet", action="store_true", help="no progress bars (also none of model loading)")
     b.set_defaults(func=run_batch_command)
 
 

@@ -36,6 +36,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..noise import to_denoised, training_level
 from .esd import esd_target
 from .method import ErasureMethod, register_method
 from .surgery import PriorPreservation, all_reduce_mean, backward_reduced, embed_unwrapped
@@ -70,12 +71,9 @@ class PatchDiscriminator(torch.nn.Module):
 def predicted_x0(x_t: torch.Tensor, t: torch.Tensor, pred: torch.Tensor, alphas_cumprod: torch.Tensor,
                  prediction_type: str = "epsilon") -> torch.Tensor:
     """x0_hat from the model output: (x_t - sqrt(1-abar) eps)/sqrt(abar), or sqrt(abar) x_t - sqrt(1-abar) v."""
-    abar = alphas_cumprod.to(x_t.device)[t.to(x_t.device)].float().reshape(-1, 1, 1, 1)
-    if prediction_type == "epsilon":
-        return (x_t - (1 - abar).sqrt() * pred) / abar.sqrt()
-    if prediction_type == "v_prediction":
-        return abar.sqrt() * x_t - (1 - abar).sqrt() * pred
-    raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type {prediction_type!r} is not supported (epsilon, v_prediction)")
+    return to_denoised(pred, x_t, training_level(alphas_cumprod, t.to(x_t.device)), prediction_type)
 
 
 def _check(name, value, ok: bool, allowed: str) -> None:

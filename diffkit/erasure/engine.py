@@ -35,6 +35,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..lifecycle import Touch, features_of
+from ..noise import NoiseLevel, add_noise, prediction_target, training_level
 from .artifact import base_fingerprint, is_complete, read_sidecar, write_artifact
 from .checkpoint import method_state, read_checkpoint, restore_checkpoint, save_checkpoint
 from .conditioning import PromptEncoder
@@ -186,17 +188,19 @@ class TrainingContext:
             out.append(self.sample(chunk, stop, noise)[0])
         return torch.cat(out)
 
+    def level(self, t) -> NoiseLevel:
+        """The training noise level of timesteps ``t`` (see :func:`diffkit.noise.training_level`)."""
+        return training_level(self.scheduler.alphas_cumprod, t)
+
     def add_noise(self, x0, noise, t):
         """q(x_t | x_0) of the pipeline's training schedule."""
-        return self.scheduler.add_noise(x0, noise, t.to(x0.device))
+        return add_noise(x0, noise, self.level(t)).to(x0.dtype)
 
     def diffusion_target(self, x0, noise, t):
         """What the model predicts in the ordinary diffusion loss: eps, or v for v-prediction models."""
-        if self.prediction_type == "epsilon":
-            return noise
-        if self.prediction_type == "v_prediction":
-            return self.scheduler.get_velocity(x0, noise, t.to(x0.device))
-        raise ValueError(f"prediction_type {self.prediction_type!r} is not supported (epsilon, v_prediction)")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported (epsilon, v_prediction)")
+        return prediction_target(x0, noise, self.level(t), self.prediction_type).to(x0.dtype)
 
 
 @dataclass
@@ -239,7 +243,21 @@ def erase(pipe, config: ErasureConfig, out: str | Path, *, accelerator=None, pro
     On return the pipeline carries the erasure (registered, so ``pipe.unload_erasure()`` restores it).
     A finished artifact with the same config is not retrained but loaded ("skipped"); one with another
     config is an error. On error the pipeline's weights are restored.
+
+    Features: the job trains the model itself, so forward-changing features (DeepCache) are detached
+    for the job and re-attached afterwards (``FeatureSet.suspended``); a pruned U-Net is refused (train
+    on the unpruned model: the artifact then loads onto the pruned one too).
     """
+    fs = features_of(pipe) if hasattr(pipe, "features") else None
+    if fs is None:
+        return _erase(pipe, config, out, accelerator=accelerator, progress=progress)
+    fs.refuse(("pruning",), "erase()", "train on the unpruned model (pipe.unload_pruning()); the artifact then "
+              "loads onto the pruned pipeline as well")
+    with fs.suspended(Touch.UNET_FORWARD, "erase()"):
+        return _erase(pipe, config, out, accelerator=accelerator, progress=progress)
+
+
+def _erase(pipe, config: ErasureConfig, out: str | Path, *, accelerator=None, progress: bool = True) -> ErasureResult:
     out = Path(out)
     if is_complete(out):
         side = read_sidecar(out)

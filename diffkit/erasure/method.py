@@ -93,8 +93,8 @@ def register_method(cls: type[ErasureMethod]) -> type[ErasureMethod]:
 
 
 def get_method(name: str) -> type[ErasureMethod]:
-    from . import advunlearn, doco, esd, salun  # noqa: F401  (built-in methods register on import)
-
+    # The registry imports no method: each registers itself on import, and the package
+    # (diffkit/erasure/__init__.py, which runs before any of its modules) imports the built-in ones.
     if name not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
     return METHODS[name]

@@ -17,8 +17,10 @@ import time
 from pathlib import Path
 
 from diffkit.cli import CLIError
+from diffkit.cli_validation import Choice, Device, Dtype, Float, Int, OutputFile, Seed, Steps, Text, check_seed_range
 
 WORDS = ("canonical", "eval_only")
+FACTORS = ("object", "color", "style")
 
 
 def register(subparsers) -> None:
@@ -29,24 +31,32 @@ def register(subparsers) -> None:
         "Writes a JSON report. With --concept: the UnlearnCanvas metrics of erasing that concept "
         "(with --erased, of the erasure artifact in DIR; without, the unmodified baseline).",
     )
-    p.add_argument("--model", default=None, help="pipeline folder or zoo:sd15 (default: the shipped reference model)")
-    p.add_argument("--erased", default=None, metavar="DIR", help="erasure artifact to load with pipe.load_erasure")
-    p.add_argument("--concept", default=None, help="erased concept, a canonical word (red, star, striped ...)")
-    p.add_argument("--factor", default=None, help="factor of --concept: object, color or style (checked)")
-    p.add_argument("--n", type=int, default=256,
+    p.add_argument("--model", default=None, type=Text(),
+                   help="pipeline folder or zoo:sd15 (default: the shipped reference model)")
+    p.add_argument("--erased", default=None, type=Text(), metavar="DIR",
+                   help="erasure artifact to load with pipe.load_erasure (its erasure.json must name --concept)")
+    p.add_argument("--concept", default=None, type=Text(),
+                   help="erased concept, a canonical word (red, star, striped ...)")
+    p.add_argument("--factor", default=None, type=Choice(FACTORS),
+                   help="factor of --concept: object, color or style (checked)")
+    p.add_argument("--n", type=Int(1), default=256,
                    help="images: in total for accuracy; per group (forget, synonyms, retain) with --concept")
-    p.add_argument("--seeds-per-prompt", type=int, default=4, help="images per prompt, seeds seed..seed+k-1")
-    p.add_argument("--words", default="canonical", help="prompt words for accuracy: canonical or eval_only")
+    p.add_argument("--seeds-per-prompt", type=Int(1), default=4, help="images per prompt, seeds seed..seed+k-1")
+    p.add_argument("--words", default="canonical", type=Choice(WORDS),
+                   help="prompt words for accuracy: canonical or eval_only")
     p.add_argument("--heldout", action="store_true", help="accuracy on held-out (object, color, style) triples only")
-    p.add_argument("--classifier", default=None, metavar="DIR", help="oracle folder (default: the shipped one)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (default 16)")
-    p.add_argument("--seed", type=int, default=0, help="first seed, and the seed of the prompt draw (default 0)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default cpu)")
-    p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
-    p.add_argument("--out", default=None, help="JSON report path (default: print only)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--classifier", default=None, type=Text(), metavar="DIR",
+                   help="oracle folder (default: the shipped one)")
+    p.add_argument("--steps", type=Steps(), default=25, help="denoising steps, 1 to 1000 (default 25)")
+    p.add_argument("--guidance-scale", type=Float(0), default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--batch-size", type=Int(1), default=16, help="images per pipeline call (default 16)")
+    p.add_argument("--seed", type=Seed(), default=0,
+                   help="first seed, and the seed of the prompt draw, in [0, 2**63) (default 0)")
+    p.add_argument("--device", default="cpu", type=Device(), help="cpu, cuda, cuda:N or mps (default cpu)")
+    p.add_argument("--dtype", default="float32", type=Dtype(), help="float32, float16 or bfloat16 (default float32)")
+    p.add_argument("--out", default=None, type=OutputFile(),
+                   help="JSON report path, in an existing folder (default: print only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (also none of model loading)")
     p.set_defaults(func=run)
 
 
@@ -57,6 +67,7 @@ def _check_args(args) -> None:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     if args.seed < 0:
         raise CLIError(f"--seed must be >= 0, got {args.seed}")
+    check_seed_range(args.seed, args.seeds_per_prompt)
     if args.guidance_scale < 0:
         raise CLIError(f"--guidance-scale must be >= 0, got {args.guidance_scale}")
     if args.words not in WORDS:
@@ -79,10 +90,41 @@ def _check_args(args) -> None:
         if args.concept not in EVAL_ONLY:
             raise CLIError(f"--concept {args.concept!r} is a {factor}; only objects, colors and styles can be erased")
         args.factor = factor
+    if args.erased is not None:
+        _check_artifact_concept(args.erased, args.concept)
     if args.out is not None:
+        if Path(args.out).is_dir():
+            raise CLIError(f"--out must be a file path, but {args.out!r} is a folder")
         parent = Path(args.out).resolve().parent
         if not parent.is_dir():
             raise CLIError(f"--out folder {str(parent)!r} does not exist")
+
+
+def _check_artifact_concept(path: str, concept: str) -> None:
+    """Refuse ``--erased`` when its sidecar says it erased something else than ``--concept``.
+
+    The check passes when ``concept`` is one of the artifact's concepts or a word of one (``red`` for an
+    artifact of ``"red star"``). An unreadable sidecar is left to the loading, which reports it.
+    """
+    import re
+
+    from diffkit.erasure.artifact import read_sidecar
+
+    try:
+        side = read_sidecar(path)
+    except (OSError, ValueError):
+        return
+    erased = side.get("concept")
+    erased = [erased] if isinstance(erased, str) else [c for c in (erased or []) if isinstance(c, str)]
+    if not erased:
+        return
+    want = concept.strip().lower()
+    for c in erased:
+        words = re.findall(r"[\w-]+", c.lower())
+        if c.strip().lower() == want or want in words:
+            return
+    raise CLIError(f"--concept {concept!r} does not match the erasure artifact {path!r}, which erased "
+                   f"{erased} (its erasure.json); pass the concept it erased")
 
 
 def _load_classifier(path: str | None, device: str):
@@ -106,12 +148,19 @@ def _json_safe(x):
 
 def write_json_atomic(path: str | Path, data: dict) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(_json_safe(data), f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_json_safe(data), f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def run(args) -> int:
@@ -119,7 +168,8 @@ def run(args) -> int:
     import diffusers
     import torch
 
-    from diffkit.cli import default_model, load_pipeline, parse_device, parse_dtype
+    from diffkit.cli import default_model, file_errors, first_line, load_pipeline, parse_device, parse_dtype
+    from diffkit.cli_validation import check_steps_for
 
     from .concepts import erasure_report, evaluate_concepts, shapes_erasure_prompts, shapes_prompt_specs
 
@@ -130,6 +180,7 @@ def run(args) -> int:
     model = args.model or default_model()
     pipe = load_pipeline(model, device, dtype)
     pipe.set_progress_bar_config(disable=True)
+    check_steps_for(pipe, args.steps)
     call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
     seeds = list(range(args.seed, args.seed + args.seeds_per_prompt))
     progress = not args.quiet
@@ -154,8 +205,8 @@ def run(args) -> int:
                                "of diffkit is not available yet, so --erased cannot be applied")
             try:
                 erased.load_erasure(args.erased)
-            except (OSError, ValueError, KeyError) as e:
-                raise CLIError(f"could not load erasure {args.erased!r}: {str(e).splitlines()[0]}") from None
+            except file_errors() as e:
+                raise CLIError(f"could not load erasure {args.erased!r}: {first_line(e)}") from None
         n_prompts = max(1, args.n // len(seeds))
         groups = shapes_erasure_prompts(args.concept, n=n_prompts, seed=args.seed)
         rep = erasure_report(pipe, erased, classifier, args.factor, args.concept, groups["forget"],

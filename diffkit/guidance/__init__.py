@@ -1,10 +1,10 @@
 """Guidance methods: CFG, APG, CFG++ (see :mod:`diffkit.guidance.base` for the interface)."""
 
+from ..noise import SUPPORTED_SCHEDULERS, from_denoised, noise_level, to_denoised, to_epsilon
 from .apg import APG
 from .base import Guidance, GuidanceOutput, StepContext
 from .cfg import CFG, cfg_combine
 from .cfgpp import CFGPlusPlus
-from .space import SUPPORTED_SCHEDULERS, from_denoised, noise_level, to_denoised, to_epsilon
 from .steps import STEP_RULES
 
 __all__ = [

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..noise import from_denoised, noise_level, to_denoised
 from .base import Guidance, GuidanceOutput, StepContext, check_range
-from .space import from_denoised, noise_level, to_denoised
 
 SPACES = ("denoised", "epsilon")
 

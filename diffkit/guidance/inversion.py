@@ -19,10 +19,11 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler
 
+from ..lifecycle import features_of
+from ..noise import noise_level, to_epsilon
 from .base import Guidance, StepContext
 from .cfg import CFG
 from .cfgpp import CFGPlusPlus
-from .space import noise_level, to_epsilon
 
 #: diffusers classes (by name; diffkit's keep the name) whose U-Net conditioning ``invert`` can build.
 INVERTIBLE = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -122,9 +123,7 @@ class InversionMixin:
         guidance = _check_guidance(guidance)
         if int(num_inference_steps) < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps!r}")
-        from ..pipelines.mixin import reset_unet_hooks  # the pipelines package imports this module
-
-        reset_unet_hooks(self.unet)
+        features_of(self).begin_call()  # the call owns per-call state (DeepCache's cache)
         if (image is None) == (latents is None):
             raise ValueError("pass exactly one of image and latents")
         if latents is not None:

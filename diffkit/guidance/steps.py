@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from .space import current_step_index, noise_level, to_denoised, to_epsilon
+from ..noise import current_step_index, noise_level, to_denoised, to_epsilon
 
 STEP_RULES: dict[str, Callable] = {}
 

@@ -1,13 +1,20 @@
-"""Run a diffusers pipeline call with a diffkit guidance object, without copying its denoising loop.
+"""Guidance as a per-call lifecycle feature: run a diffusers call with a diffkit guidance object.
 
 diffusers' SD/SDXL loops evaluate the U-Net on the batch ``[uncond, cond]``, combine the halves with
-``u + s (c - u)`` and hand the result to ``scheduler.step``. For the duration of one call we
+``u + s (c - u)`` and hand the result to ``scheduler.step``. For the duration of one call the feature
+``"guidance"`` (touches the U-Net forward and the scheduler step; stage "call")
 
-1. register a ``ModelHook`` on the U-Net that takes the two halves, keeps them for the step, and
+1. registers a ``ModelHook`` on the U-Net that takes the two halves, keeps them for the step, and
    returns ``[c, c]``, so that diffusers' own combination yields ``c + s * 0 = c`` exactly; and
-2. wrap ``scheduler.step`` on this scheduler instance (same signature, so diffusers passes ``eta`` and
+2. wraps ``scheduler.step`` on this scheduler instance (same signature, so diffusers passes ``eta`` and
    ``generator`` as before) to apply the guidance rule to the kept halves, with the scheduler, timestep
    and sample at hand, and to take the step (the scheduler's own, or a rule for two predictions).
+
+diffusers' callback protocol is followed: the pipeline's ``guidance_scale`` reads the guidance
+object's scale, and when a callback turns classifier-free guidance off mid-call (``SDCFGCutoffCallback``
+sets ``pipe._guidance_scale = 0``; diffusers then runs the conditional batch alone) the hook and the
+step pass the U-Net's output through untouched, exactly as diffusers does. Whether the batch holds
+two halves is read from the pipeline (``do_classifier_free_guidance``), never guessed from its size.
 
 Everything else (encoding, latents, callbacks, decode) stays diffusers' own. Both are removed when
 the call ends, also on error.
@@ -16,29 +23,40 @@ the call ends, also on error.
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
+import weakref
+from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ..guidance.base import Guidance, StepContext
 from ..guidance.steps import step_rule_for
+from ..lifecycle import FeatureKind, Touch, register_feature
 
 HOOK_NAME = "diffkit.guidance"
+_OFF = object()  # the U-Net ran without the unconditional half (guidance turned off by a callback)
 
 
 class _GuidedStep:
     """Per-call state: the U-Net's pending halves and the guidance rule's own memory."""
 
-    def __init__(self, guidance: Guidance, scheduler):
+    def __init__(self, guidance: Guidance, pipe):
         self.guidance = guidance
-        self.scheduler = scheduler
-        self.prediction_type = scheduler.config.get("prediction_type", "epsilon")
-        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pipe = weakref.ref(pipe)
+        self.scheduler = pipe.scheduler
+        self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+        self.pending = None
         self.state: dict = {}
         self.steps = 0
 
+    def guiding(self) -> bool:
+        pipe = self._pipe()
+        return pipe is None or bool(pipe.do_classifier_free_guidance)
+
     def take(self, output: torch.Tensor) -> torch.Tensor:
+        if not self.guiding():
+            self.pending = _OFF
+            return output
         if output.shape[0] % 2:
             raise RuntimeError("diffkit guidance expected the U-Net batch [uncond, cond]; got an odd batch")
         uncond, cond = output.chunk(2)
@@ -48,8 +66,11 @@ class _GuidedStep:
     def step(self, real_step, model_output, timestep, sample, *args, **kwargs):
         if self.pending is None:
             raise RuntimeError("scheduler.step was called without a U-Net evaluation before it")
-        uncond, cond = self.pending
-        self.pending = None
+        pending, self.pending = self.pending, None
+        if pending is _OFF:
+            self.steps += 1
+            return real_step(model_output, timestep, sample, *args, **kwargs)
+        uncond, cond = pending
         ctx = StepContext(self.scheduler, timestep, sample, self.prediction_type, self.steps)
         out = self.guidance(uncond, cond, ctx, self.state)
         self.steps += 1
@@ -85,11 +106,16 @@ class _SplitHook(ModelHook):
         return output
 
 
-@contextmanager
-def guided_call(pipe, guidance: Guidance):
-    """Context manager attaching ``guidance`` to ``pipe``'s U-Net and scheduler for one call."""
+@dataclass
+class GuidedCall:
+    guided: _GuidedStep
+    unet: object
+    scheduler: object
+
+
+def _attach(pipe, guidance: Guidance) -> GuidedCall:
     scheduler, unet = pipe.scheduler, pipe.unet
-    guided = _GuidedStep(guidance, scheduler)
+    guided = _GuidedStep(guidance, pipe)
     registry = HookRegistry.check_if_exists_or_initialize(unet)
     registry.register_hook(_SplitHook(guided), HOOK_NAME)
     real_step = scheduler.step
@@ -99,8 +125,14 @@ def guided_call(pipe, guidance: Guidance):
         return guided.step(real_step, model_output, timestep, sample, *args, **kwargs)
 
     scheduler.step = step  # instance attribute: shadows the class method for this call only
-    try:
-        yield guided
-    finally:
-        del scheduler.step
-        registry.remove_hook(HOOK_NAME, recurse=False)
+    return GuidedCall(guided, unet, scheduler)
+
+
+def _detach(pipe, state: GuidedCall) -> None:
+    state.scheduler.__dict__.pop("step", None)
+    state.unet._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+
+
+GUIDANCE = register_feature(FeatureKind(
+    "guidance", Touch.UNET_FORWARD | Touch.SCHEDULER_STEP, "call", _attach, _detach, describe=repr,
+))

@@ -1,33 +1,35 @@
-"""What every diffkit pipeline adds to its diffusers parent: the ``guidance=`` argument.
+"""What every diffkit pipeline adds to its diffusers parent: the call with ``guidance=``, and the features.
 
-The other features attach through their own mixins (``diffkit.cache``, ``diffkit.pruning``,
-``diffkit.erasure``, ``diffkit.guidance.inversion``); this one only owns the call.
+The features attach through :mod:`diffkit.lifecycle` (``pipe.features``); the mixins of
+``diffkit.cache``, ``diffkit.pruning``, ``diffkit.erasure`` and ``diffkit.guidance.inversion`` keep their
+public verbs as thin calls into it. This one owns the call: it resets every feature's per-call state
+and attaches the guidance object for the call's duration.
 """
 
 from __future__ import annotations
 
 import inspect
 
-from ..attention import get_attention_backend, set_attention_backend
+from ..attention import get_attention_backend
 from ..guidance.base import Guidance
-from .guided_call import guided_call
+from ..lifecycle import FeatureSet, features_of
+from . import guided_call  # noqa: F401  (registers the "guidance" feature kind)
 
 # Any value > 1 makes diffusers build the [uncond, cond] batch; the guidance object does the rest.
 _BATCHING_SCALE = 2.0
 
 
-def reset_unet_hooks(unet) -> None:
-    """Reset stateful U-Net hooks (DeepCache's cache) so no state crosses pipeline calls."""
-    registry = getattr(unet, "_diffusers_hook", None)
-    if registry is not None:
-        registry.reset_stateful_hooks()
-
-
 class GuidanceCallMixin:
     """``pipe(..., guidance=CFG(7.5) | APG(...) | CFGPlusPlus(...))``; ``guidance=None`` is diffusers."""
 
+    @property
+    def features(self) -> FeatureSet:
+        """The attached diffkit features, in attach order (see :mod:`diffkit.lifecycle`)."""
+        return features_of(self)
+
     def __call__(self, *args, guidance: Guidance | None = None, **kwargs):
-        reset_unet_hooks(self.unet)
+        features = features_of(self)
+        features.begin_call()
         parent_call = super().__call__
         if guidance is None:
             return parent_call(*args, **kwargs)
@@ -53,13 +55,36 @@ class GuidanceCallMixin:
         if not guidance.needs_unconditional:
             call["guidance_scale"] = 1.0
             return parent_call(**call)
+        # diffusers batches [uncond, cond] when guidance_scale > 1; our do_classifier_free_guidance
+        # keeps that true for any scale while the call is guided, and callbacks read the object's scale.
         call["guidance_scale"] = max(float(guidance.scale), _BATCHING_SCALE)
-        with guided_call(self, guidance):
-            return parent_call(**call)
+        with features.attached_for_call("guidance", guidance):
+            self.__dict__["_diffkit_guided_scale"] = call["guidance_scale"], float(guidance.scale)
+            try:
+                return parent_call(**call)
+            finally:
+                self.__dict__.pop("_diffkit_guided_scale", None)
 
-    # Attention backend, as a pipeline method for convenience (see diffkit.attention).
+    @property
+    def guidance_scale(self):
+        """diffusers' ``guidance_scale``; under ``guidance=``, the guidance object's scale."""
+        guided = self.__dict__.get("_diffkit_guided_scale")
+        if guided is not None and self._guidance_scale == guided[0]:
+            return guided[1]
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self):
+        """diffusers' rule (``guidance_scale > 1``, no guidance-embedding U-Net); under ``guidance=`` it
+        stays true until a callback turns guidance off by lowering ``_guidance_scale`` to 1 or below."""
+        guided = self.__dict__.get("_diffkit_guided_scale")
+        if guided is not None and self._guidance_scale == guided[0]:
+            return True
+        return super().do_classifier_free_guidance
+
+    # Attention backend, as a pipeline verb (a thin call into the lifecycle; see diffkit.attention).
     def set_attention_backend(self, backend: str) -> None:
-        set_attention_backend(self.unet, backend)
+        features_of(self).attach("attention", backend)
 
     @property
     def attention_backend(self) -> str:

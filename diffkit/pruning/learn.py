@@ -30,12 +30,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from ..artifacts import CheckpointStore
+from ..lifecycle import Touch, features_of
 from .hard_concrete import HardConcrete
 from .masking import MaskAttachment
-from .spec import BaseModelMismatch, atomic_save_safetensors, atomic_write_json, check_fingerprint, fingerprint
+from .spec import BaseModelMismatch, check_base, module_fingerprint
 from .trajectory import Conditioning, Sampler, capture_conditioning, reverse_walk, run_trajectory, seed_for
 from .units import KINDS, Unit, find_units
 
@@ -170,9 +171,11 @@ class MaskLearningResult:
     num_processes: int = 1
 
 
-CKPT_LOGITS = "logits.safetensors"
-CKPT_OPTIM = "optimizer.safetensors"
-CKPT_STATE = "state.json"
+#: Mask-learning checkpoints: ``masks-<step>.safetensors`` (logits + AdamW state) and the pointer
+#: ``masks.json`` (step, history, config, prompts digest, U-Net fingerprint), via the artifact kernel's
+#: :class:`~diffkit.artifacts.CheckpointStore`: one pointer switch, so a kill never leaves mixed state.
+CKPT_STEM = "masks"
+CKPT_STATE = CKPT_STEM + ".json"
 
 
 def prompts_digest(prompts: list[str]) -> str:
@@ -181,34 +184,38 @@ def prompts_digest(prompts: list[str]) -> str:
 
 def save_checkpoint(directory: Path, logits: MaskLogits, opt, step: int, history, config, prompts,
                     unet_fingerprint: dict | None = None) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(directory / CKPT_LOGITS, {k: v for k, v in logits.as_dict().items()})
-    tensors = {}
+    tensors = {f"logits/{k}": v for k, v in logits.as_dict().items()}
     for i, st in opt.state_dict()["state"].items():
         for k, v in st.items():
-            tensors[f"{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-    atomic_save_safetensors(directory / CKPT_OPTIM, tensors)
-    # The state file is written last: it is the commit record of a checkpoint.
-    atomic_write_json(directory / CKPT_STATE, {"step": step, "history": history, "config": config.to_json(),
-                                               "prompts_sha256": prompts_digest(prompts), "num_prompts": len(prompts),
-                                               "unet_fingerprint": unet_fingerprint})
+            tensors[f"optim/{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    CheckpointStore(directory, CKPT_STEM).save(step, tensors, {
+        "history": history, "config": config.to_json(), "prompts_sha256": prompts_digest(prompts),
+        "num_prompts": len(prompts), "unet_fingerprint": unet_fingerprint})
+
+
+def units_fingerprint(unet, units: list[Unit]) -> dict:
+    """The kernel fingerprint of every parameter of the units' modules (what the masks apply to)."""
+    return module_fingerprint(unet, [u.name for u in units])
 
 
 def load_checkpoint(directory: Path, logits: MaskLogits, opt, config: MaskLearningConfig, prompts,
                     unet=None) -> tuple[int, list]:
-    state = json.loads((directory / CKPT_STATE).read_text(encoding="utf-8"))
+    found = CheckpointStore(directory, CKPT_STEM).load()
+    if found is None:
+        raise ValueError(f"no mask-learning checkpoint in {directory}")
+    state, flat = found
     # Masks learned on one U-Net mean nothing on another: refuse rather than resume them.
     if unet is not None:
-        if state.get("unet_fingerprint") is None:
-            raise ValueError(f"checkpoint in {directory} does not record which U-Net it was made for; "
-                             f"remove it (or use another checkpoint directory) to learn the masks anew")
+        recorded = state.get("unet_fingerprint")
+        if recorded is None or "architecture" in recorded:
+            raise ValueError(f"checkpoint in {directory} does not record which U-Net it was made for; remove it "
+                             f"(or use another checkpoint directory) to learn the masks anew")
         try:
-            check_fingerprint(state["unet_fingerprint"], unet)
-        except BaseModelMismatch:
-            same_arch = fingerprint(unet)["architecture"] == state["unet_fingerprint"]["architecture"]
-            raise ValueError(f"checkpoint in {directory} was made for a U-Net with other "
-                             f"{'weights' if same_arch else 'architecture'}; remove it or use another checkpoint "
-                             f"directory") from None
+            check_base(recorded, unet)
+        except BaseModelMismatch as e:
+            what = "architecture" if "architecture" in str(e) else "weights"
+            raise ValueError(f"checkpoint in {directory} was made for a U-Net with other {what}; remove it or use "
+                             f"another checkpoint directory") from None
     if state.get("prompts_sha256") != prompts_digest(prompts):
         raise ValueError(f"checkpoint in {directory} was made with other prompts ({state.get('num_prompts')} "
                          f"prompts); use another checkpoint directory or the same prompts")
@@ -218,13 +225,13 @@ def load_checkpoint(directory: Path, logits: MaskLogits, opt, config: MaskLearni
         diff = sorted(k for k in mine if saved.get(k) != mine[k])
         raise ValueError(f"checkpoint in {directory} was made with other settings ({', '.join(diff)}); "
                          f"use another checkpoint directory or the same settings")
-    logits.load(load_file(str(directory / CKPT_LOGITS)))
-    flat = load_file(str(directory / CKPT_OPTIM))
+    logits.load({k[len("logits/"):]: v for k, v in flat.items() if k.startswith("logits/")})
     sd = opt.state_dict()
     st: dict = {}
     for key, v in flat.items():
-        i, name = key.split(".", 1)
-        st.setdefault(int(i), {})[name] = v
+        if key.startswith("optim/"):
+            i, name = key[len("optim/"):].split(".", 1)
+            st.setdefault(int(i), {})[name] = v
     sd["state"] = st
     opt.load_state_dict(sd)
     return int(state["step"]), list(state["history"])
@@ -254,12 +261,20 @@ def learn_masks(pipe, prompts: list[str], config: MaskLearningConfig | None = No
         autocast = nullcontext
     pipe.to(device)
     unet = pipe.unet
-    registry = getattr(unet, "_diffusers_hook", None)
-    if registry is not None and registry.hooks:
-        raise ValueError(
-            f"the U-Net has active hooks ({', '.join(registry.hooks)}), which would change the trajectory; "
-            f"disable them (e.g. pipe.disable_deepcache()) before mask learning"
-        )
+    fs = features_of(pipe)
+    fs.refuse(("pruning",), "mask learning", "learn masks on the unpruned model (pipe.unload_pruning())")
+    with fs.suspended(Touch.UNET_FORWARD, "mask learning"):
+        registry = getattr(unet, "_diffusers_hook", None)
+        if registry is not None and registry.hooks:
+            raise ValueError(
+                f"the U-Net has active hooks ({', '.join(registry.hooks)}), which would change the trajectory; "
+                f"remove them before mask learning"
+            )
+        return _learn(pipe, unet, prompts, config, accelerator, device, autocast, checkpoint_dir, progress,
+                      stop_after)
+
+
+def _learn(pipe, unet, prompts, config, accelerator, device, autocast, checkpoint_dir, progress, stop_after):
     unet.requires_grad_(False)
     unet.eval()
     hc = config.hard_concrete
@@ -278,8 +293,8 @@ def learn_masks(pipe, prompts: list[str], config: MaskLearningConfig | None = No
     total = steps_per_epoch * config.epochs
     step, history = 0, []
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    unet_fp = fingerprint(unet) if ckpt is not None else None
-    if ckpt is not None and (ckpt / CKPT_STATE).is_file():
+    unet_fp = units_fingerprint(unet, units) if ckpt is not None else None
+    if ckpt is not None and CheckpointStore(ckpt, CKPT_STEM).exists():
         step, history = load_checkpoint(ckpt, logits, opt, config, prompts, unet=unet)
 
     conds: dict[int, Conditioning] = {}

@@ -184,3 +184,54 @@ def prune_unet(unet: nn.Module, units: list[Unit], kept: dict[str, list[int]]) -
         _set_submodule(unet, name, new)
         changed[name] = new
     return changed
+
+
+#: ``{parameter name in the full module: (name in the slim module or None, ((dim, indices), ...))}``
+ParameterMap = dict[str, tuple[str | None, tuple[tuple[int, torch.Tensor], ...]]]
+
+
+def parameter_map(module: nn.Module, unit: Unit, kept: list[int]) -> ParameterMap:
+    """Where each parameter of the *full* ``module`` goes when it is slimmed to ``kept`` (as
+    :func:`slim_module` slices it): the slim module's parameter name and the index selections per
+    dimension, or ``None`` for a parameter that no longer exists. An erasure trained on the unpruned
+    model is mapped onto a pruned one with it (``select`` the same rows/columns surgery kept)."""
+    kept = sorted(set(int(i) for i in kept))
+    names = [n for n, _ in module.named_parameters()]
+    out: ParameterMap = {n: (n, ()) for n in names}
+    device = next(module.parameters()).device
+    if not kept:
+        keep_bias = {"heads": "to_out.0.bias", "ffn": "net.2.bias", "channels": "conv2.bias"}[unit.kind]
+        for n in names:
+            shortcut = unit.kind == "channels" and n.startswith("conv_shortcut.")
+            out[n] = ("bias", ()) if n == keep_bias else (n, ()) if shortcut else (None, ())
+        return out
+    if unit.kind == "heads":
+        rows = _rows(kept, unit.width, device)
+        for proj in ("to_q", "to_k", "to_v"):
+            for p in ("weight", "bias"):
+                out[f"{proj}.{p}"] = (f"{proj}.{p}", ((0, rows),))
+        out["to_out.0.weight"] = ("to_out.0.weight", ((1, rows),))
+    elif unit.kind == "ffn":
+        idx = _rows(kept, 1, device)
+        if ffn_is_gated(module):
+            inner = module.net[2].in_features
+            idx_in = torch.cat([idx, idx + inner])
+        else:
+            idx_in = idx
+        for p in ("weight", "bias"):
+            out[f"net.0.proj.{p}"] = (f"net.0.proj.{p}", ((0, idx_in),))
+        out["net.2.weight"] = ("net.2.weight", ((1, idx),))
+    else:
+        idx = _rows(kept, unit.width, device)
+        for layer in ("conv1", "time_emb_proj", "norm2"):
+            for p in ("weight", "bias"):
+                out[f"{layer}.{p}"] = (f"{layer}.{p}", ((0, idx),))
+        out["conv2.weight"] = ("conv2.weight", ((1, idx),))
+    return {n: v for n, v in out.items() if n in names}
+
+
+def select(value: torch.Tensor, selections) -> torch.Tensor:
+    """Apply a :data:`ParameterMap` entry's index selections to a full-size value."""
+    for dim, idx in selections:
+        value = value.index_select(dim, idx.to(value.device))
+    return value

@@ -1,36 +1,20 @@
-"""Atomic, resumable training checkpoints: safetensors tensors + a JSON sidecar, never pickle.
+"""Atomic, resumable training checkpoints of the zoo's models: safetensors tensors + a JSON pointer.
 
 A checkpoint holds module state dicts and AdamW moments under prefixed names, so a killed training
-job resumes bit-for-bit (its data and noise are drawn from generators seeded by the step number).
+job resumes bit-for-bit (its data and noise are drawn from generators seeded by the step number). It
+goes through the artifact kernel's :class:`~diffkit.artifacts.CheckpointStore` (step-named tensor
+file, then the pointer ``checkpoint.json``), so a kill between the writes resumes the previous step.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from ..artifacts import CheckpointStore, atomic_write_json
 
-def atomic_write_json(path: Path, obj) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
-    os.replace(tmp, path)
-
-
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+__all__ = ["atomic_write_json", "load_checkpoint", "save_checkpoint"]
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -52,28 +36,22 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
 
 
 def save_checkpoint(directory: Path, step: int, modules: dict, optimizer, meta: dict) -> None:
-    """Write ``checkpoint.safetensors`` + ``checkpoint.json`` in ``directory`` (each atomically;
-    the JSON, written last, names the step the tensors belong to)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write ``checkpoint-<step>.safetensors``, then the pointer ``checkpoint.json`` naming it."""
     tensors = {}
     for name, module in modules.items():
         for k, v in module.state_dict().items():
             tensors[f"{name}/{k}"] = v
     for k, v in _optimizer_tensors(optimizer).items():
         tensors[f"optimizer/{k}"] = v
-    atomic_save_file(tensors, directory / "checkpoint.safetensors")
-    atomic_write_json(directory / "checkpoint.json", {**meta, "step": step})
+    CheckpointStore(directory).save(step, tensors, meta)
 
 
 def load_checkpoint(directory: Path, modules: dict, optimizer) -> dict | None:
     """Restore modules and optimizer from ``directory``; return the JSON sidecar, or None if absent."""
-    directory = Path(directory)
-    meta_path = directory / "checkpoint.json"
-    if not meta_path.exists():
+    found = CheckpointStore(directory).load()
+    if found is None:
         return None
-    meta = json.loads(meta_path.read_text())
-    tensors = load_file(directory / "checkpoint.safetensors")
+    meta, tensors = found
     for name, module in modules.items():
         prefix = f"{name}/"
         module.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})

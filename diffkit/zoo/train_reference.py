@@ -36,6 +36,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusi
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from ..noise import add_noise, prediction_target, training_level
 from .checkpointing import atomic_write_json, load_checkpoint, save_checkpoint
 from .shapes import HELDOUT, caption, render, vocabulary
 from .tiny import SD_SCHEDULER
@@ -110,8 +111,8 @@ def encode_dataset(vae: AutoencoderKL, n: int, seed: int, batch: int = 256, **po
 
 def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
     """Min-SNR-gamma weights for the v-prediction loss: min(SNR_t, gamma) / (SNR_t + 1)."""
-    ac = scheduler.alphas_cumprod[t]
-    snr = ac / (1 - ac)
+    level = training_level(scheduler.alphas_cumprod, t)
+    snr = (level.alpha / level.sigma).reshape(-1) ** 2
     return torch.clamp(snr, max=gamma) / (snr + 1)
 
 
@@ -220,11 +221,12 @@ def train_reference(
         z = (z * scale).to(device)
         noise = torch.randn(z.shape, generator=gen).to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen)
-        noisy = noise_sched.add_noise(z, noise, t.to(device))
+        level = training_level(noise_sched.alphas_cumprod, t.to(device))
+        noisy = add_noise(z, noise, level)
         cond = text_encoder(ids.input_ids.to(device))[0]
         pred = unet(noisy, t.to(device), cond).sample
         w = (torch.ones(batch) if min_snr_gamma is None else min_snr_weights(noise_sched, t, min_snr_gamma)).to(device)
-        target = noise_sched.get_velocity(z, noise, t.to(device))  # v = sqrt(abar) eps - sqrt(1 - abar) x0
+        target = prediction_target(z, noise, level, PREDICTION_TYPE)  # v = sqrt(abar) eps - sqrt(1 - abar) x0
         loss = (w * F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
