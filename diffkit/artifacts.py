@@ -234,7 +234,7 @@ def check_fingerprint(expected: dict, components: Mapping[str, torch.nn.Module],
             value, key = value.float(), "float32"
         if tensor_checksum(value) != sums.get(key):
             raise BaseModelMismatch(f"{what} was made for a different base model (fingerprint {fp}): "
-                                    f"tensor {q} differs from the one it was made from")
+                                    f"tensor {q} differs from the one it was trained from")
 
 
 def model_digest(module: torch.nn.Module) -> str:

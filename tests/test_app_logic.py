@@ -424,7 +424,7 @@ def test_a_corrupt_artifact_leaves_the_pipeline_as_before(model, load_tiny, tmp_
                                              f"loaded: ")
     check_restored()
 
-    # A load that fails after it has changed some tensors: the demo puts them back itself.
+    # A load that fails half-way (library load is all-or-nothing: nothing stays half-applied).
     real, calls = Artifact.materialize, []
 
     def fail_second(self, name, base):

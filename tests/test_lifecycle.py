@@ -435,7 +435,7 @@ def test_pruning_spec_checks_the_pruned_modules_weights(load_tiny, world):
     name = next(iter(world["kept"]))
     with torch.no_grad():
         next(pipe.unet.get_submodule(name).parameters()).add_(1e-3)
-    with pytest.raises(BaseModelMismatch, match=rf"tensor unet\.{name}\.\S+ differs from the one it was made from"):
+    with pytest.raises(BaseModelMismatch, match=rf"tensor unet\.{name}\.\S+ differs from the one it was trained from"):
         pipe.load_pruning(world["spec"])
     assert pipe.pruning_spec is None and len(pipe.features) == 0
 
@@ -501,3 +501,32 @@ def test_touches_and_stages_are_declared():
 def test_features_of_a_plain_object_is_created_once(load_tiny):
     pipe = load_tiny("sd15")
     assert features_of(pipe) is pipe.features and repr(pipe.features) == "FeatureSet([])"
+
+
+def test_a_format_1_pruning_spec_still_loads_and_a_legacy_checkpoint_still_reads(load_tiny, world, tmp_path):
+    """Artifacts written before the kernel: a diffkit.pruning/1 spec (three-weight checksums) and a zoo
+    checkpoint with its fixed file name."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from diffkit.artifacts import CheckpointStore
+    from diffkit.pruning.spec import LEGACY_CHECKSUM_WEIGHTS, architecture_hash
+
+    pipe = load_tiny("sd15")
+    old = tmp_path / "old-spec"
+    shutil.copytree(world["spec"], old)
+    spec = json.loads((old / "spec.json").read_text())
+    sums = {}
+    for name in LEGACY_CHECKSUM_WEIGHTS:
+        w = pipe.unet.get_parameter(name).detach().double()
+        sums[name] = [float(w.sum()), float((w * w).sum())]
+    spec.update(format="diffkit.pruning/1", base={"architecture": architecture_hash(pipe.unet), "checksums": sums})
+    (old / "spec.json").write_text(json.dumps(spec))
+    pipe.load_pruning(old)
+    assert torch.equal(run(pipe), run(load_pruned(load_tiny, world)))
+    save_file({"w": torch.ones(2)}, str(tmp_path / "checkpoint.safetensors"))
+    (tmp_path / "checkpoint.json").write_text(json.dumps({"step": 7}))
+    info, tensors = CheckpointStore(tmp_path).load()
+    assert info["step"] == 7 and torch.equal(tensors["w"], torch.ones(2))

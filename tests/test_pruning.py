@@ -420,7 +420,7 @@ def test_wrong_base_is_a_clear_error(load_tiny, tmp_path):
         load_tiny("sdxl").load_pruning(tmp_path)
     other = diffkit.to_diffkit(build_tiny_pipeline("sd15", seed=1))  # same architecture, other weights
     with pytest.raises(BaseModelMismatch, match=r"was made for a different base model \(fingerprint [0-9a-f]{16}\): "
-                       r"tensor unet\.\S+ differs from the one it was made from"):
+                       r"tensor unet\.\S+ differs from the one it was trained from"):
         other.load_pruning(tmp_path)
     # nothing was changed by the failed loads
     assert other.pruning_spec is None and unet_parameters(other.unet) == unet_parameters(pipe.unet)

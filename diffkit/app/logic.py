@@ -264,34 +264,16 @@ def _unload_erasures(pipe, keep: int) -> None:
 
 
 def load_erasure_safely(pipe, path: str) -> None:
-    """``pipe.load_erasure(path)``, all or nothing: on any failure the tensors the artifact names are put back
-    bit-identically (whatever the library left half-applied) and an InputError says what was wrong.
+    """``pipe.load_erasure(path)``, with any failure as an InputError saying what was wrong.
 
-    The artifact is read once first to learn which tensors it names; one that cannot be read is refused
-    before anything is touched.
+    The library's load is all-or-nothing (diffkit.lifecycle): on a failure nothing was changed, so the
+    shared pipeline keeps serving everyone exactly as before.
     """
     load = pipeline_method(pipe, "load_erasure", "Erasure")
-    from diffkit.erasure.artifact import read_artifact
-    from diffkit.erasure.selection import components_of, get_parameter
-
-    def refused(e: BaseException) -> InputError:
-        return InputError(f"The erasure artifact {path!r} could not be loaded: {first_line(e)}")
-
-    before = len(getattr(pipe, "loaded_erasures", []))
-    try:
-        components = components_of(pipe)
-        names = read_artifact(path).names
-        saved = {q: get_parameter(components, q).detach().clone() for q in names}
-    except Exception as e:  # noqa: BLE001 - unreadable, or made for another model: nothing was changed
-        raise refused(e) from None
     try:
         load(path)
-    except Exception as e:  # noqa: BLE001
-        _unload_erasures(pipe, before)
-        with torch.no_grad():
-            for q, value in saved.items():
-                get_parameter(components, q).copy_(value)
-        raise refused(e) from None
+    except Exception as e:  # noqa: BLE001 - unreadable, corrupt or made for another model
+        raise InputError(f"The erasure artifact {path!r} could not be loaded: {first_line(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
