@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -89,14 +87,11 @@ def median(xs) -> float:
 
 
 def write_json(name: str, payload: dict) -> Path:
+    """Atomically, through the artifact kernel (mode 0644; NaN kept as JSON's NaN for failed figures)."""
+    from diffkit.artifacts import atomic_write_bytes
+
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(RESULTS / name, (json.dumps(payload, indent=2) + "\n").encode())
 
 
 def print_table(rows: list[dict]) -> None:

@@ -44,8 +44,22 @@ SUBCOMMAND_MODULES = ("diffkit.evaluation.cli", "diffkit.erasure.cli", "diffkit.
 
 
 #: --guidance-scale's default per --guidance kind: CFG's w, APG's w (its dataclass default, the paper's
-#: SD setting) and CFG++'s lambda (the paper's value for SD).
-GUIDANCE_SCALE_DEFAULTS = {"cfg": 7.5, "apg": 15.0, "cfgpp": 0.6}
+#: SD setting) and CFG++'s lambda (the paper's value for SD); then diffusers' guiders by name, the scale
+#: setting each one's main scale argument (diffkit.guidance.diffusers_guiders.GUIDERS).
+GUIDANCE_SCALE_DEFAULTS = {"cfg": 7.5, "apg": 15.0, "cfgpp": 0.6,
+                           "pag": 3.0, "seg": 3.0, "skip-layer": 2.8, "cfg-zero-star": 7.5, "tcfg": 7.5,
+                           "fdg": 10.0, "mambo": 10.0, "apg-mix": 10.0}
+#: What --guidance-scale sets for each diffusers guider (shown in --help).
+DIFFUSERS_GUIDANCE_HELP = {
+    "pag": "PerturbedAttentionGuidance's perturbed_guidance_scale (CFG 7.5 too, PAG at every step)",
+    "seg": "SmoothedEnergyGuidance's seg_guidance_scale",
+    "skip-layer": "SkipLayerGuidance's skip_layer_guidance_scale",
+    "cfg-zero-star": "ClassifierFreeZeroStarGuidance's guidance_scale",
+    "tcfg": "TangentialClassifierFreeGuidance's guidance_scale",
+    "fdg": "FrequencyDecoupledGuidance's high-frequency scale (low: half of it; needs kornia)",
+    "mambo": "MagnitudeAwareGuidance's guidance_scale",
+    "apg-mix": "AdaptiveProjectedMixGuidance's adaptive_projected_guidance_scale",
+}
 
 
 def file_errors() -> tuple[type[BaseException], ...]:
@@ -206,6 +220,13 @@ def build_guidance(method: str, scale: float):
     """The guidance object of ``--guidance`` (None: the pipeline's own CFG with ``guidance_scale``)."""
     if method == "cfg":
         return None
+    if method in DIFFUSERS_GUIDANCE_HELP:
+        from diffkit.guidance.diffusers_guiders import make_guider
+
+        try:
+            return make_guider(method, scale)
+        except (ImportError, ValueError) as e:
+            raise CLIError(f"--guidance {method}: {e}") from None
     from diffkit.guidance import APG, CFGPlusPlus
 
     try:
@@ -359,12 +380,13 @@ def build_parser() -> DiffkitArgumentParser:
                    help="seed of the first image; image i uses seed+i, all in [0, 2**63) (default 0)")
     g.add_argument("--steps", type=Steps(), default=25, help="denoising steps, 1 to 1000 (default 25)")
     g.add_argument("--guidance-scale", type=Float(0), default=None,
-                   help="guidance scale: CFG's and APG's w, CFG++'s lambda in [0, 1] "
-                   f"(default: {GUIDANCE_SCALE_DEFAULTS['cfg']:g} for cfg, {GUIDANCE_SCALE_DEFAULTS['apg']:g} "
-                   f"for apg, {GUIDANCE_SCALE_DEFAULTS['cfgpp']:g} for cfgpp)")
+                   help="guidance scale: CFG's and APG's w, CFG++'s lambda in [0, 1], a diffusers guider's main "
+                   "scale (see --guidance) (default: "
+                   + ", ".join(f"{v:g} for {k}" for k, v in GUIDANCE_SCALE_DEFAULTS.items()) + ")")
     g.add_argument("--guidance", type=Choice(tuple(GUIDANCE_SCALE_DEFAULTS)), default="cfg",
-                   help="cfg (default), apg (eta 0, r 15, momentum -0.5) or cfgpp (CFG++: DDIM, Euler, Euler a, "
-                   "DPM++ 2M)")
+                   help="cfg (default), apg (eta 0, r 15, momentum -0.5), cfgpp (CFG++: DDIM, Euler, Euler a, "
+                   "DPM++ 2M), or a diffusers guider, where --guidance-scale sets: "
+                   + "; ".join(f"{k}: {v}" for k, v in DIFFUSERS_GUIDANCE_HELP.items()))
     g.add_argument("--deepcache", type=Int(0, note="0: off"), default=0, metavar="N",
                    help="DeepCache: a full U-Net step every N steps (0: off, the default)")
     g.add_argument("--deepcache-branch", type=Int(0), default=0, help="DeepCache's cache branch (default 0)")

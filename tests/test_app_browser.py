@@ -10,11 +10,11 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _loopback import LOOPBACK, free_loopback_port
 
 from diffkit.app.main import prepare
 
@@ -22,18 +22,11 @@ from diffkit.app.main import prepare
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 CHROMIUM = "/usr/bin/chromium"
-LOOPBACK = "127.0.0.1"
 SCREENSHOT_LIMIT = 300 * 1024
 
 # Gradio's queue calls pandas APIs that pandas 3 deprecates; that is Gradio's business, not this test's.
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
-
-
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

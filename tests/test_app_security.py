@@ -12,28 +12,21 @@ import json
 import os
 import re
 import secrets
-import socket
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from _loopback import LOOPBACK, free_loopback_port
 from PIL import Image
 
 from diffkit.app.main import prepare
 from diffkit.app.ui import FOREIGN_FILE_MESSAGE, foreign_file, upload_folder
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-LOOPBACK = "127.0.0.1"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "app.md"
 pytestmark = [pytest.mark.filterwarnings("ignore:.*no_silent_downcasting.*"),
               pytest.mark.filterwarnings("ignore:The copy keyword is deprecated")]
-
-
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

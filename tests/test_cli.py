@@ -282,7 +282,7 @@ def test_version(capsys):
 
 
 def test_usage_errors_are_one_line(capsys):
-    for argv, message in ((["generate", "x", "--guidance", "pag"], "--guidance must be one of cfg, apg, cfgpp"),
+    for argv, message in ((["generate", "x", "--guidance", "nope"], "--guidance must be one of cfg, apg, cfgpp, pag"),
                           (["nosuch"], "COMMAND: invalid choice: 'nosuch'"),
                           (["generate", "--steps"], "--steps: expected one argument")):
         rc, out, err = run(capsys, *argv)

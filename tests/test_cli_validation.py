@@ -61,7 +61,8 @@ BAD_TEXT = {
     ("generate", "prompt"): [(" ", "prompt " + BLANK + "' '"), ("", "prompt " + BLANK + "''")],
     ("generate", "--model"): [("", "--model " + BLANK)],
     ("generate", "--prompts-file"): [(" ", "--prompts-file " + BLANK)],
-    ("generate", "--guidance"): [("cfgg", "--guidance must be one of cfg, apg, cfgpp, got 'cfgg'")],
+    ("generate", "--guidance"): [("cfgg", "--guidance must be one of cfg, apg, cfgpp, pag, seg, skip-layer, "
+                                          "cfg-zero-star, tcfg, fdg, mambo, apg-mix, got 'cfgg'")],
     ("generate", "--pruning"): [("", "--pruning " + BLANK)],
     ("generate", "--erasure"): [("", "--erasure " + BLANK)],
     ("generate", "--out"): [("FILE", "--out must be a folder, but 'FILE' is a file"),

@@ -21,9 +21,17 @@ from .images import to_float_images, to_uint8_images
 from .kid import kid, mmd2_unbiased, polynomial_kernel
 from .psnr import mean_psnr, psnr
 from .saturation import hsv_saturation, image_saturation, mean_saturation
+from .stats import Difference, Rate, bootstrap_interval, paired_difference, rate, verdict, wilson_interval
 
 __all__ = [
     "ConceptResult",
+    "Difference",
+    "Rate",
+    "bootstrap_interval",
+    "paired_difference",
+    "rate",
+    "verdict",
+    "wilson_interval",
     "PromptSpec",
     "classify_specs",
     "concept_accuracy",

@@ -16,6 +16,12 @@ sets ``pipe._guidance_scale = 0``; diffusers then runs the conditional batch alo
 step pass the U-Net's output through untouched, exactly as diffusers does. Whether the batch holds
 two halves is read from the pipeline (``do_classifier_free_guidance``), never guessed from its size.
 
+A guidance object with ``begin_call(pipe)`` (:class:`diffkit.guidance.diffusers_guiders.DiffusersGuidance`,
+the adapter of ``diffusers.guiders``) gets a per-call session that also sees the U-Net's inputs: before
+each evaluation it plans the step (the guider's ``set_state``) and may extend the batch with rows its
+perturbation applies to (PAG, SEG, SkipLayer); after it, it splits the output into the unconditional,
+conditional and perturbed predictions; the step combines them with the guider's ``forward``.
+
 Everything else (encoding, latents, callbacks, decode) stays diffusers' own. Both are removed when
 the call ends, also on error.
 """
@@ -40,23 +46,35 @@ _OFF = object()  # the U-Net ran without the unconditional half (guidance turned
 class _GuidedStep:
     """Per-call state: the U-Net's pending halves and the guidance rule's own memory."""
 
-    def __init__(self, guidance: Guidance, pipe):
+    def __init__(self, guidance: Guidance, pipe, session=None):
         self.guidance = guidance
         self._pipe = weakref.ref(pipe)
         self.scheduler = pipe.scheduler
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         self.pending = None
-        self.state: dict = {}
+        self.session = session  # a guidance object's per-call session (diffusers guiders), or None
+        self.state: dict = {} if session is None else {"session": session}
         self.steps = 0
 
     def guiding(self) -> bool:
         pipe = self._pipe()
         return pipe is None or bool(pipe.do_classifier_free_guidance)
 
+    def before(self, args, kwargs):
+        """The U-Net's inputs, as the session wants them (unchanged without one or while not guiding)."""
+        if self.session is None or not self.guiding():
+            return args, kwargs
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        return self.session.before_unet(args, kwargs, self.steps, timestep)
+
     def take(self, output: torch.Tensor) -> torch.Tensor:
         if not self.guiding():
             self.pending = _OFF
             return output
+        if self.session is not None:
+            uncond, cond = self.session.after_unet(output)
+            self.pending = (uncond, cond)
+            return torch.cat([cond, cond])
         if output.shape[0] % 2:
             raise RuntimeError("diffkit guidance expected the U-Net batch [uncond, cond]; got an odd batch")
         uncond, cond = output.chunk(2)
@@ -99,6 +117,9 @@ class _SplitHook(ModelHook):
         super().__init__()
         self.guided = guided
 
+    def pre_forward(self, module, *args, **kwargs):
+        return self.guided.before(args, kwargs)
+
     def post_forward(self, module, output):
         if isinstance(output, tuple):
             return (self.guided.take(output[0]), *output[1:])
@@ -115,9 +136,16 @@ class GuidedCall:
 
 def _attach(pipe, guidance: Guidance) -> GuidedCall:
     scheduler, unet = pipe.scheduler, pipe.unet
-    guided = _GuidedStep(guidance, pipe)
+    begin = getattr(guidance, "begin_call", None)
+    session = begin(pipe) if callable(begin) else None  # all-or-nothing: it hooks nothing when it fails
+    guided = _GuidedStep(guidance, pipe, session)
     registry = HookRegistry.check_if_exists_or_initialize(unet)
-    registry.register_hook(_SplitHook(guided), HOOK_NAME)
+    try:
+        registry.register_hook(_SplitHook(guided), HOOK_NAME)
+    except BaseException:
+        if session is not None:
+            session.close()
+        raise
     real_step = scheduler.step
 
     @functools.wraps(real_step)
@@ -131,6 +159,8 @@ def _attach(pipe, guidance: Guidance) -> GuidedCall:
 def _detach(pipe, state: GuidedCall) -> None:
     state.scheduler.__dict__.pop("step", None)
     state.unet._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
+    if state.guided.session is not None:
+        state.guided.session.close()
 
 
 GUIDANCE = register_feature(FeatureKind(

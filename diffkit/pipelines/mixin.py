@@ -12,6 +12,7 @@ import inspect
 
 from ..attention import get_attention_backend
 from ..guidance.base import Guidance
+from ..guidance.diffusers_guiders import DiffusersGuidance, is_diffusers_guider
 from ..lifecycle import FeatureSet, features_of
 from . import guided_call  # noqa: F401  (registers the "guidance" feature kind)
 
@@ -20,7 +21,8 @@ _BATCHING_SCALE = 2.0
 
 
 class GuidanceCallMixin:
-    """``pipe(..., guidance=CFG(7.5) | APG(...) | CFGPlusPlus(...))``; ``guidance=None`` is diffusers."""
+    """``pipe(..., guidance=CFG(7.5) | APG(...) | CFGPlusPlus(...) | <a diffusers.guiders guider>)``;
+    ``guidance=None`` is diffusers. A diffusers guider is wrapped in :class:`DiffusersGuidance`."""
 
     @property
     def features(self) -> FeatureSet:
@@ -33,9 +35,14 @@ class GuidanceCallMixin:
         parent_call = super().__call__
         if guidance is None:
             return parent_call(*args, **kwargs)
+        if is_diffusers_guider(guidance):
+            guidance = DiffusersGuidance(guidance)
         if not isinstance(guidance, Guidance):
             raise TypeError(
-                f"guidance must be a diffkit.guidance object (CFG, APG, CFGPlusPlus), got {type(guidance).__name__}"
+                "guidance must be a diffkit.guidance object (CFG, APG, CFGPlusPlus, DiffusersGuidance) or a "
+                "diffusers.guiders guider (ClassifierFreeGuidance, AdaptiveProjectedGuidance, "
+                "PerturbedAttentionGuidance, SmoothedEnergyGuidance, SkipLayerGuidance, ...), "
+                f"got {type(guidance).__name__}"
             )
         try:
             call = inspect.signature(parent_call).bind_partial(*args, **kwargs).arguments
@@ -49,7 +56,8 @@ class GuidanceCallMixin:
                 f"(or a guidance_scale equal to its scale)"
             )
         if call.get("guidance_rescale"):
-            raise ValueError("guidance_rescale belongs to diffusers' own CFG; it cannot be combined with guidance=")
+            raise ValueError("guidance_rescale belongs to diffusers' own CFG; it cannot be combined with guidance= "
+                             "(a diffusers guider takes its own: e.g. ClassifierFreeGuidance(guidance_rescale=0.7))")
         if self.unet.config.get("time_cond_proj_dim") is not None:
             raise ValueError("this U-Net embeds the guidance scale (time_cond_proj_dim); guidance= is not supported")
         if not guidance.needs_unconditional:

@@ -1,0 +1,74 @@
+"""Regenerate the README's and docs' generated tables from benchmarks/results/*.json.
+
+A generated table sits between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->`` in a markdown file; this
+script rewrites what is between the markers from the JSON, and ``--check`` exits 1 (listing the tables)
+when a file differs from what it would write (tests/test_report.py runs the check: no hand-typed figure).
+
+    python benchmarks/report.py           # rewrite README.md and docs/*.md
+    python benchmarks/report.py --check   # verify only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * (x - 1):+.1f}%"
+
+
+def overhead_cpu(data: dict) -> str:
+    rows = ["| model | configuration | n | time vs diffusers (median) | 95% interval | min / max | diffusers s/call | "
+            "target <= +1% |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    labels = {"diffkit": "diffkit, no feature", "diffkit_cfg": "diffkit, `guidance=CFG(7.5)`"}
+    for r in data["results"]:
+        rows.append(f"| {r['model']} | {labels.get(r['config'], r['config'])} | {r['n']} | {_pct(r['median_ratio'])} | "
+                    f"[{_pct(r['ci95_low'])}, {_pct(r['ci95_high'])}] | {_pct(r['min_ratio'])} / "
+                    f"{_pct(r['max_ratio'])} | {r['diffusers_median_s']:.2f} | {r['verdict']} |")
+    return "\n".join(rows)
+
+
+#: table name -> (results file, renderer)
+TABLES = {"overhead_cpu": ("overhead_cpu.json", overhead_cpu)}
+
+
+def render(name: str) -> str:
+    file, fn = TABLES[name]
+    return fn(json.loads((RESULTS / file).read_text(encoding="utf-8")))
+
+
+def rewrite(text: str) -> str:
+    def sub(m):
+        return f"{m.group(1)}\n{render(m.group(2))}\n{m.group(3)}"
+
+    return re.sub(r"(<!-- table:(\w+) -->)\n.*?\n(<!-- /table:\2 -->)", sub, text, flags=re.S)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="exit 1 when a file differs from what would be written")
+    args = ap.parse_args(argv)
+    stale = []
+    for path in FILES:
+        text = path.read_text(encoding="utf-8")
+        new = rewrite(text)
+        if new != text:
+            stale.append(str(path.relative_to(ROOT)))
+            if not args.check:
+                path.write_text(new, encoding="utf-8")
+    if args.check and stale:
+        print("stale generated tables in: " + ", ".join(stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
