@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -173,13 +172,12 @@ def main(argv=None) -> int:
             write_json(partial_path.name, partial)
         compare(rows, baseline.get)
         payload["parts"][part] = dict(n=n, rows=list(rows.values()))
-        print_table([{k: (v if not isinstance(v, (list, dict)) else None) for k, v in row.items()
-                      if k in ("setting", "n", "saturation", "acc_mean", "less_saturated", "at_least_as_accurate")}
-                     for row in rows.values()])
+        print_table([{k: row.get(k, "") for k in ("setting", "n", "saturation", "acc_mean", "less_saturated",
+                                                  "at_least_as_accurate")} for row in rows.values()])
     path = write_json(out_name, payload)
     partial_path.unlink(missing_ok=True)
     print(f"wrote {path}")
-    return 0 if all(math.isfinite(r) for r in [payload["apg_norm_threshold"]]) else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def rewrite(text: str) -> str:
     def sub(m):
         return f"{m.group(1)}\n{render(m.group(2))}\n{m.group(3)}"
 
-    return re.sub(r"(<!-- table:(\w+) -->)\n.*?\n(<!-- /table:\2 -->)", sub, text, flags=re.S)
+    return re.sub(r"(<!-- table:(\w+) -->)\n(?:.*?\n)?(<!-- /table:\2 -->)", sub, text, flags=re.S)
 
 
 def main(argv=None) -> int:
