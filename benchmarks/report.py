@@ -36,8 +36,49 @@ def overhead_cpu(data: dict) -> str:
     return "\n".join(rows)
 
 
+def _ci(lo: float, hi: float, scale: float = 1.0, fmt: str = "{:.3f}") -> str:
+    return "[" + fmt.format(lo * scale) + ", " + fmt.format(hi * scale) + "]"
+
+
+def _quality_rows(part: dict) -> list[str]:
+    rows = ["| setting | n | saturation [95% CI] | vs baseline | saturation diff [95% CI] | mean accuracy [95% CI] | "
+            "accuracy diff, points [95% CI] | less saturated | at least as accurate (-2 points) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in part["rows"]:
+        sd, ad = r.get("saturation_diff"), r.get("accuracy_diff")
+        rows.append(
+            f"| {r['setting']} | {r['n']} | {r['saturation']:.3f} {_ci(*r['saturation_ci95'])} | {r.get('vs', '—')} | "
+            + (f"{sd['difference']:+.3f} {_ci(*sd['ci95'], fmt='{:+.3f}')}" if sd else "—") + " | "
+            + (f"{r['acc_mean']:.3f} {_ci(*r['acc_mean_ci95'])}" if "acc_mean" in r else "—") + " | "
+            + (f"{100 * ad['difference']:+.1f} {_ci(*ad['ci95'], 100, '{:+.1f}')}" if ad else "—") + " | "
+            + f"{r.get('less_saturated', '—')} | {r.get('at_least_as_accurate', '—')} |")
+    return rows
+
+
+def guiders_quality(data: dict) -> str:
+    return "\n".join(_quality_rows(data["parts"]["guiders"]))
+
+
+def apg_sweep(data: dict) -> str:
+    return "\n".join(_quality_rows(data["parts"]["apg"]))
+
+
+def guiders_overhead(data: dict) -> str:
+    rows = ["| measure | guider | n | time vs CFG (median) | 95% interval | verdict (<= +2% for prediction-only) |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for r in data["results"]:
+        rows.append(f"| {r['measure']} | {r['guider']} | {r['n']} | {_pct(r['ratio'])} | "
+                    f"[{_pct(r['ci95_low'])}, {_pct(r['ci95_high'])}] | {r['verdict']} |")
+    return "\n".join(rows)
+
+
 #: table name -> (results file, renderer)
-TABLES = {"overhead_cpu": ("overhead_cpu.json", overhead_cpu)}
+TABLES = {
+    "overhead_cpu": ("overhead_cpu.json", overhead_cpu),
+    "guiders_quality": ("guiders_quality.json", guiders_quality),
+    "apg_sweep": ("guiders_quality.json", apg_sweep),
+    "guiders_overhead": ("guiders_overhead_cpu.json", guiders_overhead),
+}
 
 
 def render(name: str) -> str:
