@@ -18,6 +18,7 @@ import diffusers
 import pytest
 import torch
 import torch.nn.functional as F
+from _controlnet import controlnet_pipeline
 from diffusers.guiders import (
     AdaptiveProjectedGuidance,
     AdaptiveProjectedMixGuidance,
@@ -397,13 +398,7 @@ def test_callbacks_read_the_guiders_scale(pipes):
 
 def test_controlnet_pipeline_with_pag(pipes):
     pipe, _, config = pipes("sd15")
-    torch.manual_seed(0)
-    net = diffusers.ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    cn = diffkit.DiffusionPipeline.from_pipe(diffusers.StableDiffusionControlNetPipeline(**pipe.components,
-                                                                                          controlnet=net))
-    cn.set_progress_bar_config(disable=True)
+    cn, net = controlnet_pipeline(pipe)
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     make = GUIDERS["pag"][0]
     pag = call(cn, config, make(), "ddim", noise_for(0), image=image)

@@ -12,6 +12,7 @@ import copy
 import diffusers
 import pytest
 import torch
+from _controlnet import controlnet_pipeline
 from diffusers.callbacks import SDCFGCutoffCallback
 
 import diffkit
@@ -148,13 +149,7 @@ def test_guidance_is_attached_for_one_call_only(load_tiny, guidance):
 
 def test_controlnet_branch_attach_detach(load_tiny):
     pipe = load_tiny("sd15")
-    torch.manual_seed(0)
-    net = diffusers.ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 8, 8, 8))
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    cn = diffkit.DiffusionPipeline.from_pipe(diffusers.StableDiffusionControlNetPipeline(**pipe.components,
-                                                                                          controlnet=net))
-    cn.set_progress_bar_config(disable=True)
+    cn, net = controlnet_pipeline(pipe)
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     ref = run(cn, image=image)
     cn.enable_deepcache(interval=3, branch=1)
