@@ -26,12 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, environment, interleaved, print_table, write_json  # noqa: E402
+from diffusers.utils import is_kornia_available  # noqa: E402
 
 import diffkit  # noqa: E402
 from diffkit.evaluation import bootstrap_interval, verdict  # noqa: E402
 from diffkit.guidance import CFG  # noqa: E402
 
-PREDICTION_ONLY = ("cfg-zero-star", "tcfg", "mambo", "apg-mix")
+PREDICTION_ONLY = ("cfg-zero-star", "tcfg", "mambo", "apg-mix") + (("fdg",) if is_kornia_available() else ())
 PERTURBING = ("pag", "seg", "skip-layer")
 
 

@@ -72,8 +72,36 @@ def guiders_overhead(data: dict) -> str:
     return "\n".join(rows)
 
 
+def _both(row: dict) -> bool:
+    return row.get("less_saturated") == "met" and row.get("at_least_as_accurate") == "met"
+
+
+def guiders_summary(data: dict) -> str:
+    """Which guiders are both less saturated than CFG and at least as accurate, per scale; and APG's claim."""
+    rows = ["| question | answer (verdicts from the intervals above) |", "| --- | --- |"]
+    guiders = data["parts"]["guiders"]["rows"]
+    for scale in ("7.5", "15"):
+        vs = f"diffusers-cfg_{scale}"
+        same = [r for r in guiders if r.get("vs") == vs]
+        both = [r["setting"] for r in same if _both(r)]
+        best = max(same, key=lambda r: (_both(r), -r["saturation_diff"]["difference"]), default=None)
+        rows.append(f"| CFG scale {scale}: less saturated *and* at least as accurate as CFG | "
+                    f"{', '.join(both) or 'none'} (of {len(same)}) |")
+        if best is not None:
+            rows.append(f"| CFG scale {scale}: best guider (both verdicts met, then the largest saturation drop) | "
+                        f"{best['setting']} ({best['saturation_diff']['difference']:+.3f} saturation, "
+                        f"{100 * best['accuracy_diff']['difference']:+.1f} accuracy points) |")
+    apg = [r for r in data["parts"]["apg"]["rows"] if r.get("vs")]
+    held = [r["setting"] for r in apg if _both(r)]
+    answer = "holds for " + ", ".join(held) if held else "does not hold: no setting"
+    rows.append(f"| APG's claim at scale 15 (less saturated than CFG 15 and at least as accurate), over the "
+                f"{len(apg)}-setting sweep | {answer} |")
+    return "\n".join(rows)
+
+
 #: table name -> (results file, renderer)
 TABLES = {
+    "guiders_summary": ("guiders_quality.json", guiders_summary),
     "overhead_cpu": ("overhead_cpu.json", overhead_cpu),
     "guiders_quality": ("guiders_quality.json", guiders_quality),
     "apg_sweep": ("guiders_quality.json", apg_sweep),

@@ -138,6 +138,26 @@ def test_empty_prompt_shows_a_friendly_message(page):
     assert "Traceback" not in page.content()
 
 
+def test_pick_a_diffusers_guider_by_name(page):
+    page.locator("#prompt textarea").fill("a red solid star on a white background")
+    page.locator("#steps input").fill("4")
+    page.locator("#compare input[type=checkbox]").uncheck()
+    page.locator("#method").get_by_text("Diffusers guider", exact=True).click()
+    page.locator("#guider input").wait_for(state="visible")
+    assert page.locator("#guider input").input_value() == "pag"
+    assert page.locator("#guider-scale input").input_value() == "3"
+    page.locator("#guider input").click()
+    page.get_by_role("option", name="tcfg", exact=True).click()
+    # The scale box follows the guider: its label says what the scale sets, its value is that guider's default.
+    page.get_by_label("scale: TangentialClassifierFreeGuidance's guidance_scale (0-50)").wait_for(state="visible")
+    assert page.locator("#guider-scale input").input_value() == "7.5"
+    page.locator("#guider-scale input").fill("6")
+    page.locator("#generate").click()
+    page.locator("#generate-status").get_by_text("diffusers guider tcfg 6").wait_for(timeout=30_000)
+    page.locator("#configured-image img").wait_for(timeout=30_000)
+    assert "Traceback" not in page.content()
+
+
 def start_generate(pg, seed: int) -> None:
     """Fill the form for one image (compare mode off) with ``seed`` and click Generate."""
     pg.locator("#prompt textarea").fill("a blue striped circle on a black background")

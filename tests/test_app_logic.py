@@ -31,6 +31,7 @@ from diffkit.app.settings import (
     DEFAULT_ERASE_SAMPLE_STEPS,
     DEFAULT_ERASE_STEPS,
     DEMO_ERASE_LR,
+    DIFFUSERS_GUIDER,
     PREFERRED_ERASE_METHOD,
     SCHEDULERS,
     DeepCacheSettings,
@@ -162,6 +163,25 @@ def test_generate_equals_a_direct_call_and_restores_the_scheduler(model, load_ti
     assert model.pipe.scheduler is scheduler  # restored after a refused request too
 
 
+def test_generate_with_a_diffusers_guider_equals_a_direct_call(model, load_tiny, monkeypatch):
+    from diffkit.guidance.diffusers_guiders import make_guider
+
+    for name, scale in (("pag", 2.0), ("tcfg", 6.0)):
+        g = logic.generate(model, settings(steps=4, guidance=GuidanceSettings(DIFFUSERS_GUIDER, guider=name,
+                                                                              guider_scale=scale)))
+        assert same(g.image, direct(load_tiny("sd15"), steps=4, guidance=make_guider(name, scale)))
+        assert f"diffusers guider {name} {scale:g}" in g.settings.describe()
+    # PAG's perturbation hooks are gone after the call: plain CFG is the plain pipeline again.
+    assert same(logic.generate(model, settings(steps=4)).image, direct(load_tiny("sd15"), steps=4))
+    # A guider whose own dependency is missing: the page names the pip extra.
+    import diffkit.guidance.diffusers_guiders as dg
+
+    monkeypatch.setattr(dg, "is_kornia_available", lambda: False)
+    with pytest.raises(logic.FeatureUnavailable, match=r'^The fdg guider is not available in this diffkit '
+                       r'installation \(FrequencyDecoupledGuidance needs the kornia package .*diffkit\[guiders\]'):
+        logic.generate(model, settings(guidance=GuidanceSettings(DIFFUSERS_GUIDER, guider="fdg")))
+
+
 def test_compare_apg_with_deepcache(model, load_tiny):
     s = settings(steps=6, guidance=GuidanceSettings("APG", cfg_scale=5.0, apg_scale=10.0),
                  deepcache=DeepCacheSettings(True, 3, 0, "uniform"))
@@ -251,7 +271,7 @@ def form(**kw):
     values = dict(prompt="a red star", negative_prompt="", seed=0, steps=STEPS, scheduler="DDIM", method="CFG",
                   cfg_scale=7.5, apg_scale=15.0, apg_eta=0.0, apg_norm_threshold=15.0, apg_momentum=-0.5,
                   cfgpp_scale=0.6, deepcache=False, deepcache_interval=3, deepcache_branch=0,
-                  deepcache_schedule="uniform", pruning="(none)", erasure="(none)")
+                  deepcache_schedule="uniform", pruning="(none)", erasure="(none)", guider="pag", guider_scale=3.0)
     values.update(kw)
     return [values[k] for k in GENERATE_FIELDS]
 
@@ -264,6 +284,8 @@ def test_handlers_turn_every_failure_into_a_message(model, monkeypatch, tmp_path
     assert h.generate(True, 9, *form())[2] == "⚠️ Timing runs must be a whole number between 1 and 5, got 9."
     _, _, text = h.generate(True, 1, *form(method="CFG++", scheduler="PNDM"))
     assert text.startswith("⚠️ CFG++ cannot run with the PNDM scheduler. ") and "Supported schedulers:" in text
+    _, _, text = h.generate(True, 1, *form(method="Diffusers guider", guider="sag"))
+    assert text.startswith("⚠️ Diffusers guider must be one of pag, seg, skip-layer, ") and text.endswith(", got 'sag'.")
     _, _, text = h.generate(True, 1, *form(erasure="nothing-here"))
     assert text.startswith("⚠️ The Erasure artifact folder")
     baseline, image, text = h.generate(True, 1, *form())

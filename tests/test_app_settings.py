@@ -15,6 +15,7 @@ from diffkit.app.settings import (
     check_float,
     check_int,
     check_prompt,
+    guider_scales,
     list_artifacts,
     resolve_artifact,
     suggest_erase_prompts,
@@ -63,11 +64,33 @@ def test_guidance_checks_only_the_chosen_method():
         validate_guidance("APG", apg_momentum=1)
     with pytest.raises(InputError, match=r"^CFG\+\+ lambda must be a number between 0 and 1, got 1\.5\.$"):
         validate_guidance("CFG++", cfgpp_scale=1.5)
-    with pytest.raises(InputError, match=r"^Guidance method must be one of CFG, APG, CFG\+\+, got 'PAG'\.$"):
+    with pytest.raises(InputError, match=r"^Guidance method must be one of CFG, APG, CFG\+\+, Diffusers guider, "
+                       r"got 'PAG'\.$"):
         validate_guidance("PAG")
     # The CFG scale is the baseline's in compare mode, so it is checked whatever the method.
     with pytest.raises(InputError, match=r"^CFG scale must be a number between 0 and 50, got -1\.$"):
         validate_guidance("CFG++", cfg_scale=-1)
+
+
+def test_diffusers_guider_choice():
+    from diffkit.guidance.diffusers_guiders import GUIDERS
+
+    scales = guider_scales()
+    assert list(scales) == list(GUIDERS)  # every guider the command line offers, by the same names
+    assert scales["pag"] == ("PerturbedAttentionGuidance's perturbed_guidance_scale", 3.0)
+    assert scales["mambo"] == ("MagnitudeAwareGuidance's guidance_scale", 10.0)
+    g = validate_guidance("Diffusers guider", guider="tcfg", guider_scale="6.5")
+    assert (g.method, g.guider, g.guider_scale) == ("Diffusers guider", "tcfg", 6.5)
+    assert validate_guidance("Diffusers guider", guider="mambo", guider_scale=None).guider_scale == 10.0  # default
+    assert validate_guidance("Diffusers guider", guider="seg", guider_scale=" ").guider_scale == 3.0
+    with pytest.raises(InputError, match=r"^Diffusers guider must be one of pag, seg, skip-layer, .*, got 'sag'\.$"):
+        validate_guidance("Diffusers guider", guider="sag")
+    with pytest.raises(InputError, match=r"^pag scale must be a number between 0 and 50, got 60\.$"):
+        validate_guidance("Diffusers guider", guider="pag", guider_scale=60)
+    assert validate_guidance("CFG", guider="sag", guider_scale=99).guider == "sag"  # unused: not checked
+    s = validate_generate("a star", method="Diffusers guider", guider="apg-mix", guider_scale=9)
+    assert s.guidance.guider == "apg-mix" and "diffusers guider apg-mix 9" in s.describe()
+    assert s.baseline().guidance == GuidanceSettings("CFG", cfg_scale=7.5)  # compare mode's baseline: plain CFG
 
 
 def test_deepcache():

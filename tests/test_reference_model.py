@@ -152,6 +152,33 @@ def test_train_reference_writes_a_loadable_pipeline(tmp_path):
     assert torch.allclose(min_snr_weights(sched, t), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
 
 
+def test_train_reference_zero_terminal_snr_and_offset_noise(tmp_path):
+    from diffkit.zoo.train_reference import train_reference
+    from diffkit.zoo.train_vae import train_vae
+
+    train_vae(tmp_path / "vae-run", steps=1, batch=2, crop=16)
+    kw = dict(vae_path=tmp_path / "vae-run" / "vae", steps=2, batch=2, images=4, save_every=1)
+    plain = train_reference(tmp_path / "plain", **kw)
+    # offset noise 0 draws no extra random numbers: the v4 recipe's weights are unchanged by the option
+    zero = train_reference(tmp_path / "zero", offset_noise=0.0, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(plain.unet.state_dict().values(), zero.unet.state_dict().values()))
+    offset = train_reference(tmp_path / "offset", offset_noise=0.1, **kw)
+    assert any(not torch.equal(a, b) for a, b in zip(plain.unet.state_dict().values(),
+                                                      offset.unet.state_dict().values()))
+    zt = train_reference(tmp_path / "ztsnr", zero_terminal_snr=True, min_snr_gamma=None, **kw)
+    saved = diffkit.DiffusionPipeline.from_pretrained(tmp_path / "ztsnr" / "pipeline")
+    assert saved.scheduler.config.rescale_betas_zero_snr and saved.scheduler.config.timestep_spacing == "trailing"
+    assert saved.scheduler.alphas_cumprod[-1].item() == pytest.approx(0.0, abs=1e-12)  # SNR(T) = 0
+    saved.scheduler.set_timesteps(4)
+    assert saved.scheduler.timesteps[0].item() == 999  # trailing: sampling starts at t = T
+    meta = json.loads((tmp_path / "ztsnr" / "pipeline" / "training.json").read_text())
+    assert (meta["zero_terminal_snr"], meta["offset_noise"], meta["min_snr_gamma"]) == (True, 0.0, None)
+    out = zt("a red star", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(out.images).all()
+    with pytest.raises(ValueError, match=r"offset_noise must be in \[0, 1\], got 2.0"):
+        train_reference(tmp_path / "bad", offset_noise=2.0, **kw)
+
+
 def test_encode_dataset_pose_ranges():
     from diffkit.zoo.train_reference import encode_dataset
     from diffkit.zoo.train_vae import build_vae

@@ -32,6 +32,7 @@ import torch
 
 from .settings import (
     DEMO_ERASE_LR,
+    DIFFUSERS_GUIDER,
     SCHEDULERS,
     EditSettings,
     EraseSettings,
@@ -72,6 +73,8 @@ def feature_report(pipe) -> dict[str, str | None]:
     checks = {
         "APG": lambda: optional_attr("diffkit.guidance", "APG", "APG guidance"),
         "CFG++": lambda: optional_attr("diffkit.guidance", "CFGPlusPlus", "CFG++ guidance"),
+        "Diffusers guiders": lambda: optional_attr("diffkit.guidance.diffusers_guiders", "make_guider",
+                                                   "Diffusers guiders"),
         "DeepCache": lambda: pipeline_method(pipe, "enable_deepcache", "DeepCache"),
         "Pruning": lambda: pipeline_method(pipe, "load_pruning", "Pruning"),
         "Erasure artifacts": lambda: pipeline_method(pipe, "load_erasure", "Erasure"),
@@ -212,9 +215,14 @@ def make_guidance(g: GuidanceSettings):
             return apg(scale=g.apg_scale, eta=g.apg_eta, norm_threshold=g.apg_norm_threshold, momentum=g.apg_momentum)
         if g.method == "CFG++":
             return optional_attr("diffkit.guidance", "CFGPlusPlus", "CFG++ guidance")(scale=g.cfgpp_scale)
+        if g.method == DIFFUSERS_GUIDER:
+            make_guider = optional_attr("diffkit.guidance.diffusers_guiders", "make_guider", "Diffusers guiders")
+            return make_guider(g.guider, g.guider_scale)
         return CFG(g.cfg_scale)
     except FeatureUnavailable:
         raise
+    except ImportError as e:  # a guider's own dependency (FDG: kornia); the message names the pip extra
+        raise unavailable(f"The {g.guider} guider", first_line(e)) from None
     except ValueError as e:
         raise InputError(f"{g.method}: {first_line(e)}") from None
 

@@ -22,7 +22,9 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
                  {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint"}),
     "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),
 }
-GUIDANCE_METHODS = ("CFG", "APG", "CFG++")
+#: The guidance choices; "Diffusers guider" is any of diffkit.guidance.diffusers_guiders.GUIDERS by name.
+DIFFUSERS_GUIDER = "Diffusers guider"
+GUIDANCE_METHODS = ("CFG", "APG", "CFG++", DIFFUSERS_GUIDER)
 DEEPCACHE_SCHEDULES = ("uniform", "non-uniform")
 #: The dropdown entry meaning "no artifact".
 NONE_CHOICE = "(none)"
@@ -46,6 +48,18 @@ class GuidanceSettings:
     apg_norm_threshold: float = 15.0
     apg_momentum: float = -0.5
     cfgpp_scale: float = 0.6
+    guider: str = "pag"
+    guider_scale: float = 3.0
+
+
+def guider_scales() -> dict[str, tuple[str, float]]:
+    """Diffusers guider name -> (what its main scale sets, the scale's default), from
+    ``diffkit.guidance.diffusers_guiders.GUIDERS``; empty when that module cannot be imported."""
+    try:
+        from diffkit.guidance.diffusers_guiders import GUIDERS
+    except ImportError:
+        return {}
+    return {name: (f"{cls.__name__}'s {arg}", float(default)) for name, (cls, arg, default, _) in GUIDERS.items()}
 
 
 @dataclass(frozen=True)
@@ -81,7 +95,8 @@ class GenerateSettings:
         g = self.guidance
         parts = {"CFG": f"CFG {g.cfg_scale:g}",
                  "APG": f"APG {g.apg_scale:g} (eta {g.apg_eta:g}, r {g.apg_norm_threshold:g}, beta {g.apg_momentum:g})",
-                 "CFG++": f"CFG++ lambda {g.cfgpp_scale:g}"}
+                 "CFG++": f"CFG++ lambda {g.cfgpp_scale:g}",
+                 DIFFUSERS_GUIDER: f"diffusers guider {g.guider} {g.guider_scale:g}"}
         out = [f"seed {self.seed}", self.scheduler, f"{self.steps} steps", parts[g.method]]
         if self.deepcache.enabled:
             d = self.deepcache
@@ -170,12 +185,13 @@ def resolve_artifact(choice, root, kind: str) -> str | None:
 
 
 def validate_guidance(method, cfg_scale=7.5, apg_scale=15.0, apg_eta=0.0, apg_norm_threshold=15.0,
-                      apg_momentum=-0.5, cfgpp_scale=0.6) -> GuidanceSettings:
+                      apg_momentum=-0.5, cfgpp_scale=0.6, guider="pag", guider_scale=None) -> GuidanceSettings:
     """Check the chosen method's parameters with the ranges the papers allow (APG: eta in [0, 1],
-    momentum in (-1, 1); CFG++: lambda in [0, 1]); the other methods' fields are kept but not checked."""
+    momentum in (-1, 1); CFG++: lambda in [0, 1]; a diffusers guider: a known name, its main scale in
+    [0, 50], empty = the guider's default); the other methods' fields are kept but not checked."""
     method = check_choice(method, "Guidance method", GUIDANCE_METHODS)
     values = dict(cfg_scale=cfg_scale, apg_scale=apg_scale, apg_eta=apg_eta, apg_norm_threshold=apg_norm_threshold,
-                  apg_momentum=apg_momentum, cfgpp_scale=cfgpp_scale)
+                  apg_momentum=apg_momentum, cfgpp_scale=cfgpp_scale, guider_scale=3.0)
     # The baseline of compare mode uses the CFG scale whatever the method, so it is always checked.
     values["cfg_scale"] = check_float(cfg_scale, "CFG scale", 0.0, 50.0)
     if method == "APG":
@@ -185,7 +201,14 @@ def validate_guidance(method, cfg_scale=7.5, apg_scale=15.0, apg_eta=0.0, apg_no
         values["apg_momentum"] = check_float(apg_momentum, "APG momentum", -0.999, 0.999)
     elif method == "CFG++":
         values["cfgpp_scale"] = check_float(cfgpp_scale, "CFG++ lambda", 0.0, 1.0)
-    return GuidanceSettings(method=method, **{k: float(v) for k, v in values.items()})
+    elif method == DIFFUSERS_GUIDER:
+        scales = guider_scales()
+        if not scales:
+            raise InputError("Diffusers guiders are not available in this installation (diffusers.guiders is missing).")
+        guider = check_choice(guider, "Diffusers guider", tuple(scales))
+        empty = guider_scale is None or (isinstance(guider_scale, str) and not guider_scale.strip())
+        values["guider_scale"] = scales[guider][1] if empty else check_float(guider_scale, f"{guider} scale", 0.0, 50.0)
+    return GuidanceSettings(method=method, guider=str(guider), **{k: float(v) for k, v in values.items()})
 
 
 def validate_deepcache(enabled, interval=3, branch=0, schedule="uniform", steps: int = MAX_STEPS) -> DeepCacheSettings:
@@ -202,7 +225,8 @@ def validate_deepcache(enabled, interval=3, branch=0, schedule="uniform", steps:
 def validate_generate(prompt, negative_prompt="", seed=0, steps=25, scheduler="DDIM", method="CFG", cfg_scale=7.5,
                       apg_scale=15.0, apg_eta=0.0, apg_norm_threshold=15.0, apg_momentum=-0.5, cfgpp_scale=0.6,
                       deepcache=False, deepcache_interval=3, deepcache_branch=0, deepcache_schedule="uniform",
-                      pruning=None, erasure=None, pruning_root=None, erasure_root=None) -> GenerateSettings:
+                      pruning=None, erasure=None, guider="pag", guider_scale=None, pruning_root=None,
+                      erasure_root=None) -> GenerateSettings:
     """All of the Generate tab's fields (raw widget values) -> :class:`GenerateSettings`, or :class:`InputError`.
 
     ``pruning`` / ``erasure`` are dropdown choices: folder names under ``pruning_root`` / ``erasure_root``,
@@ -217,7 +241,7 @@ def validate_generate(prompt, negative_prompt="", seed=0, steps=25, scheduler="D
         steps=steps,
         scheduler=check_choice(scheduler, "Scheduler", tuple(SCHEDULERS)),
         guidance=validate_guidance(method, cfg_scale, apg_scale, apg_eta, apg_norm_threshold, apg_momentum,
-                                   cfgpp_scale),
+                                   cfgpp_scale, guider, guider_scale),
         deepcache=validate_deepcache(deepcache, deepcache_interval, deepcache_branch, deepcache_schedule, steps),
         pruning=resolve_artifact(pruning, pruning_root, "Pruning spec"),
         erasure=resolve_artifact(erasure, erasure_root, "Erasure artifact"),

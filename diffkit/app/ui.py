@@ -29,6 +29,7 @@ from .settings import (
     SCHEDULERS,
     InputError,
     check_int,
+    guider_scales,
     list_artifacts,
     suggest_erase_prompts,
     validate_edit,
@@ -41,7 +42,8 @@ log = logging.getLogger("diffkit.app")
 #: The Generate tab's inputs, in the order the Gradio event passes them (= validate_generate's keywords).
 GENERATE_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "method", "cfg_scale", "apg_scale",
                    "apg_eta", "apg_norm_threshold", "apg_momentum", "cfgpp_scale", "deepcache", "deepcache_interval",
-                   "deepcache_branch", "deepcache_schedule", "pruning", "erasure")
+                   "deepcache_branch", "deepcache_schedule", "pruning", "erasure", "guider",
+                   "guider_scale")
 
 #: Display height of images in pixels (64x64 model outputs are shown enlarged, pixelated).
 IMAGE_HEIGHT = 256
@@ -261,6 +263,12 @@ def build_demo(handlers: Handlers):
                             apg_momentum = gr.Number(label="momentum beta (-1, 1)", value=-0.5)
                     with gr.Group(visible=False) as cfgpp_box:
                         cfgpp_scale = gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="CFG++ lambda (0-1)")
+                    guiders = guider_scales()
+                    first = next(iter(guiders), None)
+                    with gr.Group(visible=False) as guider_box, gr.Row():
+                        guider = gr.Dropdown(list(guiders), value=first, label="Diffusers guider", elem_id="guider")
+                        guider_scale = gr.Number(label=guider_scale_label(guiders, first),
+                                                 value=guiders[first][1] if first else None, elem_id="guider-scale")
                     deepcache = gr.Checkbox(label="DeepCache", value=False, elem_id="deepcache")
                     with gr.Group(visible=False) as deepcache_box, gr.Row():
                         dc_interval = gr.Number(label="interval N", value=3, precision=0)
@@ -345,7 +353,11 @@ def build_demo(handlers: Handlers):
         # the public ones). Privacy is not the file guard: uploads_only_blocks() checks every event.
         internal = dict(queue=False, api_visibility="private")
         method.change(lambda m: [gr.update(visible=m == x) for x in GUIDANCE_METHODS], method,
-                      [cfg_box, apg_box, cfgpp_box], **internal)
+                      [cfg_box, apg_box, cfgpp_box, guider_box], **internal)
+        # A guider's main scale differs in meaning and default (PAG 3, MAMBO 10): show and reset both.
+        guider.change(lambda name: gr.update(label=guider_scale_label(guiders, name),
+                                             value=guiders[name][1] if name in guiders else None),
+                      guider, guider_scale, **internal)
         deepcache.change(lambda on: gr.update(visible=bool(on)), deepcache, deepcache_box, **internal)
 
         def refresh_lists():
@@ -354,7 +366,8 @@ def build_demo(handlers: Handlers):
 
         refresh.click(refresh_lists, None, [pruning, erasure], **internal)
         inputs = [compare, repeats, prompt, negative, seed, steps, scheduler, method, cfg_scale, apg_scale, apg_eta,
-                  apg_norm, apg_momentum, cfgpp_scale, deepcache, dc_interval, dc_branch, dc_schedule, pruning, erasure]
+                  apg_norm, apg_momentum, cfgpp_scale, deepcache, dc_interval, dc_branch, dc_schedule, pruning, erasure,
+                  guider, guider_scale]  # the guider's fields last: older API clients' positions still hold
         # One queue for every event that uses the model: requests wait their turn; the model's lock keeps two
         # running ones from configuring the shared pipeline at the same time.
         def generate(last, *values):
@@ -387,6 +400,11 @@ def build_demo(handlers: Handlers):
                         [before_forget, after_forget, before_retain, after_retain, erase_status, pruning, erasure],
                         concurrency_limit=1, concurrency_id="training", api_name="erase")
     return demo
+
+
+def guider_scale_label(guiders: dict, name) -> str:
+    """The scale box's label: what the chosen guider's main scale sets (e.g. PAG's perturbed_guidance_scale)."""
+    return f"scale: {guiders[name][0]} (0-50)" if name in guiders else "scale"
 
 
 def concept_choices() -> list[str]:

@@ -263,7 +263,7 @@ class DiffusersGuidance(Guidance):
 
 
 _KORNIA_MESSAGE = ("FrequencyDecoupledGuidance needs the kornia package (its Laplacian pyramid), which is not "
-                   "installed: pip install kornia")
+                   "installed: pip install \"diffkit[guiders]\" (or pip install kornia)")
 
 
 def _perturbation_of(guider) -> _Perturbation | None:

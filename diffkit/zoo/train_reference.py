@@ -137,13 +137,26 @@ def _lr_lambda(steps: int, warmup: int):
     return f
 
 
-def build_pipeline(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
+def noise_schedule(zero_terminal_snr: bool) -> dict:
+    """Scheduler arguments of the training noise schedule.
+
+    ``zero_terminal_snr``: Lin et al. (WACV 2024), "Common Diffusion Noise Schedules and Sample Steps are
+    Flawed", Algorithm 1: rescale the betas so that alpha_bar_T = 0 (SD's schedule leaves
+    sqrt(alpha_bar_T) ~ 0.068 of the image at t = T, so the image's overall brightness at sampling time
+    comes from the starting noise, not the prompt); it needs v-prediction (eps carries no information at
+    SNR 0) and sampling from t = T, i.e. "trailing" timestep spacing (section 3.3).
+    """
+    return dict(rescale_betas_zero_snr=True) if zero_terminal_snr else {}
+
+
+def build_pipeline(vae, text_encoder, tokenizer, unet, zero_terminal_snr: bool = False) -> StableDiffusionPipeline:
+    sampling = dict(noise_schedule(True), timestep_spacing="trailing") if zero_terminal_snr else {}
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=DDIMScheduler(**SD_SCHEDULER, prediction_type=PREDICTION_TYPE),
+        scheduler=DDIMScheduler(**SD_SCHEDULER, prediction_type=PREDICTION_TYPE, **sampling),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -168,8 +181,15 @@ def train_reference(
     rotation: float | None = 15.0,
     center_range: float | None = 0.08,
     min_snr_gamma: float | None = 5.0,
+    zero_terminal_snr: bool = False,
+    offset_noise: float = 0.0,
 ) -> StableDiffusionPipeline:
     """Train (or resume) in ``out``; export the EMA pipeline to ``out/pipeline`` and return it.
+
+    ``zero_terminal_snr``: see :func:`noise_schedule` (the shipped scheduler then samples with trailing
+    spacing). ``offset_noise``: the older fix of the same flaw (Guttenberg 2023): training noise plus
+    ``offset_noise`` times a per-sample, per-channel constant N(0, 1), so that the model learns to change
+    an image's mean.
 
     ``stop_at`` ends the run after that step (checkpointed) and exports the model as it is then; rerunning
     with a later ``stop_at`` (or none) resumes the same schedule.
@@ -178,6 +198,8 @@ def train_reference(
         raise ValueError(f"rotation must be in [0, 180] degrees (or None: the world's full range), got {rotation}")
     if min_snr_gamma is not None and min_snr_gamma <= 0:
         raise ValueError(f"min_snr_gamma must be > 0 (or None: unweighted v loss), got {min_snr_gamma}")
+    if not 0.0 <= offset_noise <= 1.0:
+        raise ValueError(f"offset_noise must be in [0, 1], got {offset_noise}")
     out = Path(out)
     vae = AutoencoderKL.from_pretrained(vae_path or out / "vae").eval().requires_grad_(False)
     tokenizer = build_tokenizer()
@@ -189,7 +211,8 @@ def train_reference(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     lr_lambda = _lr_lambda(steps, warmup=100)
     noise_sched = DDPMScheduler(
-        **{k: v for k, v in SD_SCHEDULER.items() if k != "set_alpha_to_one"}, prediction_type=PREDICTION_TYPE
+        **{k: v for k, v in SD_SCHEDULER.items() if k != "set_alpha_to_one"}, prediction_type=PREDICTION_TYPE,
+        **noise_schedule(zero_terminal_snr),
     )
     modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet.module, "ema_text": ema_text.module}
 
@@ -219,7 +242,10 @@ def train_reference(
         idx_t = torch.from_numpy(idx)
         z = means[idx_t].float() + stds[idx_t].float() * torch.randn(means[idx_t].shape, generator=gen)
         z = (z * scale).to(device)
-        noise = torch.randn(z.shape, generator=gen).to(device)
+        noise = torch.randn(z.shape, generator=gen)
+        if offset_noise:
+            noise = noise + offset_noise * torch.randn((*z.shape[:2], 1, 1), generator=gen)
+        noise = noise.to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,), generator=gen)
         level = training_level(noise_sched.alphas_cumprod, t.to(device))
         noisy = add_noise(z, noise, level)
@@ -243,7 +269,7 @@ def train_reference(
     train_seconds = elapsed + time.time() - t0
     cpu_seconds = cpu_elapsed + time.process_time() - c0
 
-    pipe = build_pipeline(vae, ema_text.module, tokenizer, ema_unet.module)
+    pipe = build_pipeline(vae, ema_text.module, tokenizer, ema_unet.module, zero_terminal_snr)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
     vae_meta = json.loads((out / "vae_training.json").read_text()) if (out / "vae_training.json").exists() else {}
     atomic_write_json(
@@ -251,6 +277,7 @@ def train_reference(
         dict(
             steps=steps, stopped_at=end, batch=batch, images=images, lr=lr, seed=seed, caption_dropout=caption_dropout,
             ema_decay=ema_decay, rotation=rotation, center_range=center_range, min_snr_gamma=min_snr_gamma,
+            zero_terminal_snr=zero_terminal_snr, offset_noise=offset_noise,
             unet_seconds=train_seconds, unet_cpu_seconds=cpu_seconds,
             vae=vae_meta, device=device, threads=torch.get_num_threads(),
             cpu=platform.processor() or platform.machine(), torch=torch.__version__, heldout=sorted(map(list, HELDOUT)),
@@ -277,12 +304,19 @@ def main(argv=None) -> int:
     p.add_argument("--center-range", type=float, default=0.08,
                    help="train on centres at most this far from the middle, as a fraction of the side; "
                    "a negative value: anywhere the object fits")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0,
+                   help="Min-SNR-gamma loss weighting; 0: unweighted v loss (note: Min-SNR gives the SNR-0 step of a "
+                   "zero-terminal-SNR schedule weight 0)")
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="rescale the schedule to zero terminal SNR and sample with trailing spacing (Lin et al. 2024)")
+    p.add_argument("--offset-noise", type=float, default=0.0, help="offset-noise strength (0: off; 0.1 is common)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     train_reference(
         a.out, a.vae, steps=a.steps, batch=a.batch, images=a.images, seed=a.seed, device=a.device,
         save_every=a.save_every, stop_at=a.stop_at, ema_decay=a.ema_decay,
         rotation=None if a.rotation < 0 else a.rotation, center_range=None if a.center_range < 0 else a.center_range,
+        min_snr_gamma=a.min_snr_gamma or None, zero_terminal_snr=a.zero_terminal_snr, offset_noise=a.offset_noise,
     )
     print(json.dumps({"out": str(a.out / "pipeline")}))
     return 0
