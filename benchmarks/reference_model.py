@@ -124,16 +124,28 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="8 + 8 images, no grid: checks the script")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reference_model.json")
+    p.add_argument("--model", type=Path, default=None,
+                   help="a candidate pipeline folder (e.g. runs/v5/pipeline) instead of the shipped weights; with it "
+                   "the default --out is benchmarks/results/reference_model_candidate.json and no grid is drawn")
+    p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/reference_model.json")
     p.add_argument("--grid", type=Path, default=ROOT / "docs" / "images" / "reference_grid.png")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    a.out = a.out or ROOT / "benchmarks" / "results" / (
+        "reference_model_candidate.json" if a.model else "reference_model.json")
     if a.smoke:
         a.heldout, a.synonyms, a.swap, a.steps = 8, 8, 4, 5
         a.out = a.out.with_name("reference_model_smoke.json")
 
     t = time.perf_counter()
-    pipe = load_reference_pipeline()
+    model_dir = a.model or reference_path()
+    if a.model:
+        import diffkit
+
+        pipe = diffkit.DiffusionPipeline.from_pretrained(a.model, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+    else:
+        pipe = load_reference_pipeline()
     load_seconds = time.perf_counter() - t
     clf = load_reference_classifier()
     call = dict(num_inference_steps=a.steps, guidance_scale=a.guidance_scale)
@@ -165,22 +177,25 @@ def main(argv=None) -> int:
             results[name].update(swap_result(res, a.swap))
     gen_seconds = time.perf_counter() - t
     per_image = _time_generation(pipe, a.steps)
-    if not a.smoke:
+    if not a.smoke and not a.model:
         sample_grid(pipe, a.grid, a.steps)
 
-    training = json.loads((reference_path() / "training.json").read_text())
+    training = json.loads((model_dir / "training.json").read_text())
     passed = {name: {f: results[name]["accuracy"][f] >= bar for f, bar in bars.items()} for name, bars in BAR.items()}
     worst = {f: min(rows.items(), key=lambda kv: kv[1]["rate"]) for f, rows in results["heldout"]["per_value"].items()}
     passed["heldout"]["every_value"] = all(r["rate"] >= PER_VALUE_BAR for _, r in worst.values())
     report = {
-        "model": _display(reference_path()),
-        "sampler": {"scheduler": "DDIMScheduler", "steps": a.steps, "guidance_scale": a.guidance_scale},
+        "model": _display(model_dir),
+        "sampler": {"scheduler": type(pipe.scheduler).__name__, "steps": a.steps, "guidance_scale": a.guidance_scale,
+                    "timestep_spacing": pipe.scheduler.config.get("timestep_spacing"),
+                    "rescale_betas_zero_snr": pipe.scheduler.config.get("rescale_betas_zero_snr", False)},
         "results": results,
         "bar": BAR,
         "per_value_bar": PER_VALUE_BAR,
         "worst_value": {f: {"value": v, **r} for f, (v, r) in worst.items()},
         "passed": passed,
         "load_seconds": round(load_seconds, 3),
+        "weights_mb": round(sum(f.stat().st_size for f in model_dir.rglob("*.safetensors")) / 2**20, 1),
         "seconds_per_image_batch1": round(per_image, 3),
         "generation_seconds_total": round(gen_seconds, 1),
         "training": {
@@ -194,6 +209,9 @@ def main(argv=None) -> int:
             "ema_decay": training.get("ema_decay"),
             "rotation": training.get("rotation"),
             "center_range": training.get("center_range"),
+            "min_snr_gamma": training.get("min_snr_gamma"),
+            "zero_terminal_snr": training.get("zero_terminal_snr", False),
+            "offset_noise": training.get("offset_noise", 0.0),
             "threads": training.get("threads"),
         },
         "device": "cpu",

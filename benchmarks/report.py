@@ -99,8 +99,60 @@ def guiders_summary(data: dict) -> str:
     return "\n".join(rows)
 
 
+def _rate(r: dict) -> str:
+    return f"{100 * r['rate']:.1f}% [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]"
+
+
+def _bar(r: dict, bar: float) -> str:
+    """A rate against its bar, judged on the interval (issue 16): met, missed or not resolved at this n."""
+    from diffkit.evaluation import verdict
+
+    return f"{100 * bar:.0f}%: {verdict(r['ci95'][0], r['ci95'][1], bar, '>=')}"
+
+
+def reference_model(data: dict) -> str:
+    """The reference model's bar: each factor's rate with its Wilson interval, the worst single value, and the
+    same-seed background swap."""
+    rows = ["| prompts | n | factor | rate [95% CI] | bar: verdict on the interval | worst single value [95% CI]: "
+            "verdict vs 80% |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    bars, worst = data["bar"], data.get("worst_value", {})
+    for name, res in data["results"].items():
+        for f, r in res.get("rates", {}).items():
+            if name == "swap" and f != "background":
+                continue
+            bar = bars.get(name, {}).get(f)
+            w = worst.get(f) if name == "heldout" else None
+            wcell = f"{w['value']} {_rate(w)}: {_bar(w, data['per_value_bar']).split(': ')[1]}" if w else "—"
+            rows.append(f"| {name} | {res['n_images']} | {f} | {_rate(r)} | {'—' if bar is None else _bar(r, bar)} "
+                        f"| {wcell} |")
+    sw = data["results"].get("swap")
+    if sw and "both_as_asked" in sw:
+        rows.append(f"| swap: black and white drawn as asked, same seed | {sw['pairs']} pairs | background | "
+                    f"{_rate(sw['both_as_asked'])} | — | same background for both: "
+                    f"{_rate(sw['same_background_drawn'])} |")
+    return "\n".join(rows)
+
+
+def reference_costs(data: dict) -> str:
+    """What the reference model costs: load, one image, training, weights."""
+    t = data["training"]
+    vae, unet = (t.get("vae_seconds") or 0) / 60, (t.get("unet_seconds") or 0) / 60
+    rows = ["| | |", "| --- | --- |",
+            f"| load (offline, CPU) | {data['load_seconds']:.2f} s |",
+            f"| one 64x64 image, {data['sampler']['steps']} DDIM steps with CFG, batch 1, {data['threads']} CPU "
+            f"threads | {data['seconds_per_image_batch1']:.2f} s |",
+            f"| training, CPU ({t.get('threads')} threads) | VAE {vae:.1f} min + U-Net and text encoder {unet:.1f} min "
+            f"({t.get('unet_steps')} steps, batch {t.get('batch')}, data encoding included) = {vae + unet:.1f} min |"]
+    if "weights_mb" in data:
+        rows.append(f"| weights (fp32 safetensors) | {data['weights_mb']:.1f} MiB |")
+    return "\n".join(rows)
+
+
 #: table name -> (results file, renderer)
 TABLES = {
+    "reference_costs": ("reference_model.json", reference_costs),
+    "reference_model": ("reference_model.json", reference_model),
     "guiders_summary": ("guiders_quality.json", guiders_summary),
     "overhead_cpu": ("overhead_cpu.json", overhead_cpu),
     "guiders_quality": ("guiders_quality.json", guiders_quality),

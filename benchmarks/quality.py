@@ -1,0 +1,136 @@
+"""Every quality benchmark at its documented settings, one after the other, then the report step.
+
+    python -m benchmarks.quality                      # everything (budget: 3 hours on the 2-core CPU)
+    python -m benchmarks.quality --only guiders_quality deepcache_quality
+    python -m benchmarks.quality --resume             # skip the runs a previous (killed) call finished
+    python -m benchmarks.quality --plan               # print the plan and the time budget, run nothing
+    python -m benchmarks.quality --smoke              # each benchmark's logic check (tiny models)
+
+Each benchmark is a script of its own (``benchmarks/NAME.py``) that writes its JSON to
+``benchmarks/results/``; this runner only fixes the settings (the sample sizes of issue 16: >= 256 images a
+setting for guidance, DeepCache and pruning; >= 128 images a group and attack success over >= 32 prompts
+for erasure), runs them in turn (never two at once: the machine has 2 cores), and records each finished run
+in ``benchmarks/results/quality_run.json`` (its command, seconds and exit status; written atomically after
+every run) so that ``--resume`` continues after a kill. Several scripts also resume inside a run (their own
+``.partial.json``). Finally ``benchmarks/report.py`` regenerates every README/docs table from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RUN_LOG = "quality_run.json"
+#: The whole run must fit this on the 2-core CPU (issue 16).
+BUDGET_MINUTES = 180
+
+
+@dataclass(frozen=True)
+class QualityRun:
+    """One benchmark script with its documented settings and the minutes it takes on the 2-core CPU."""
+
+    name: str
+    args: tuple[str, ...]
+    minutes: float
+    smoke_args: tuple[str, ...] = ("--smoke",)
+    why: str = ""
+    resume_args: tuple[str, ...] = field(default=())
+
+    def command(self, smoke: bool, resume: bool) -> list[str]:
+        args = self.smoke_args if smoke else self.args + (self.resume_args if resume else ())
+        return [sys.executable, str(ROOT / "benchmarks" / f"{self.name}.py"), *args]
+
+
+#: In the order they run: the cheap checks of the model first, so a broken model fails fast.
+RUNS = (
+    QualityRun("oracle_accuracy", (), 3, why="the oracle's per-factor accuracy on 2048 fresh renders"),
+    QualityRun("reference_model", ("--threads", "2"), 5,
+               why="the model's bar: 512 held-out prompts naming all four factors, 256 synonym-only, 128 swap pairs"),
+    QualityRun("guidance_quality", ("--n", "256", "--inversion-n", "16"), 25,
+               smoke_args=("--model", "tiny", "--n", "8", "--inversion-n", "2", "--steps", "5",
+                           "--inversion-steps", "5", "--tag", "_smoke"),
+               why="CFG / APG / CFG++ at 256 images a setting, inversion figures"),
+    QualityRun("guiders_quality", (), 32, why="every diffusers guider at two scales, 256 images a setting; APG sweep"),
+    QualityRun("deepcache_quality", ("--n", "256"), 30, resume_args=("--resume",),
+               why="DeepCache uniform and non-uniform, N = 2/3/5, 256 images a configuration"),
+    QualityRun("pruning_quality", ("--n", "256", "--calib", "64", "--learn-steps", "25", "--epochs", "4"), 40,
+               resume_args=("--resume",),
+               why="mask learning at the default settings (64 calibration prompts, 25 steps, 4 epochs), 256 images"),
+    QualityRun("erasure_quality", ("--n-prompts", "64", "--seeds", "0", "1", "--attack-prompts", "32"), 30,
+               why="ESD and SalUn, 128 images a group, attack success over 32 forget prompts"),
+    QualityRun("erasure_methods", (), 15, why="AdvUnlearn and DoCo beside ESD on the same groups"),
+)
+
+
+def by_name() -> dict[str, QualityRun]:
+    return {r.name: r for r in RUNS}
+
+
+def plan(runs) -> str:
+    lines = [f"{'benchmark':<20} {'minutes':>7}  settings"]
+    lines += [f"{r.name:<20} {r.minutes:>7g}  {' '.join(r.args) or '(its defaults)'} — {r.why}" for r in runs]
+    total = sum(r.minutes for r in runs)
+    lines.append(f"{'total':<20} {total:>7g}  (budget {BUDGET_MINUTES} minutes on 2 cores)")
+    return "\n".join(lines)
+
+
+def _load_log(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+
+
+def _save_log(path: Path, log: dict) -> None:
+    sys.path.insert(0, str(ROOT))
+    from diffkit.artifacts import atomic_write_json
+
+    atomic_write_json(path, log, indent=2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=list(by_name()), default=None, metavar="NAME",
+                    help=f"run only these (of {', '.join(by_name())})")
+    ap.add_argument("--resume", action="store_true", help="skip runs the run log records as finished with the "
+                    "same command")
+    ap.add_argument("--plan", action="store_true", help="print the plan and its time budget; run nothing")
+    ap.add_argument("--smoke", action="store_true", help="each benchmark's logic check instead of the real run")
+    ap.add_argument("--no-report", action="store_true", help="do not regenerate the tables at the end")
+    args = ap.parse_args(argv)
+    runs = [by_name()[n] for n in args.only] if args.only else list(RUNS)
+    print(plan(runs))
+    if args.plan:
+        return 0
+    log_path = RESULTS / ("quality_run_smoke.json" if args.smoke else RUN_LOG)
+    log = _load_log(log_path) if args.resume else {"runs": {}}
+    failed = []
+    for run in runs:
+        cmd = run.command(args.smoke, args.resume)
+        shown = " ".join(["python", *cmd[1:]]).replace(str(ROOT) + "/", "")
+        done = log["runs"].get(run.name)
+        if args.resume and done and done.get("returncode") == 0 and done.get("command") == shown:
+            print(f"== {run.name}: finished before ({done['seconds']:.0f} s), skipped")
+            continue
+        print(f"== {run.name}: {shown}", flush=True)
+        t0 = time.time()
+        rc = subprocess.call(cmd, cwd=ROOT)
+        log["runs"][run.name] = dict(command=shown, returncode=rc, seconds=round(time.time() - t0, 1),
+                                     finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        _save_log(log_path, log)
+        if rc != 0:
+            failed.append(run.name)
+    if not args.no_report and not args.smoke:
+        subprocess.check_call([sys.executable, str(ROOT / "benchmarks" / "report.py")], cwd=ROOT)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The one command for all quality tables (benchmarks/quality.py): its plan fits the budget, every script
+and option it passes exists, and the run log makes --resume skip finished runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import quality  # noqa: E402
+
+
+def test_plan_fits_the_three_hour_budget_and_names_every_script():
+    assert sum(r.minutes for r in quality.RUNS) <= quality.BUDGET_MINUTES == 180
+    for run in quality.RUNS:
+        source = (ROOT / "benchmarks" / f"{run.name}.py").read_text()
+        # a script may extend another's parser (erasure_methods builds on erasure_quality's)
+        for module in re.findall(r"^from (\w+) import", source, re.M):
+            if (ROOT / "benchmarks" / f"{module}.py").is_file():
+                source += (ROOT / "benchmarks" / f"{module}.py").read_text()
+        for opt in {a for a in run.args + run.smoke_args + run.resume_args if a.startswith("--")}:
+            assert re.search(rf'add_argument\(\s*"{re.escape(opt)}"', source), f"{run.name} has no {opt}"
+    out = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--plan"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.splitlines()[-1].split()[:2] == ["total", f"{sum(r.minutes for r in quality.RUNS):g}"]
+
+
+def test_issue_16_sample_sizes():
+    runs = quality.by_name()
+
+    def value(name, opt):
+        args = runs[name].args
+        return args[args.index(opt) + 1]
+
+    for name in ("guidance_quality", "deepcache_quality", "pruning_quality"):
+        assert int(value(name, "--n")) >= 256
+    assert (value("pruning_quality", "--calib"), value("pruning_quality", "--learn-steps"),
+            value("pruning_quality", "--epochs")) == ("64", "25", "4")
+    erasure = runs["erasure_quality"].args
+    seeds = erasure[erasure.index("--seeds") + 1: erasure.index("--attack-prompts")]
+    assert int(value("erasure_quality", "--n-prompts")) * len(seeds) >= 128
+    assert int(value("erasure_quality", "--attack-prompts")) >= 32
+
+
+def test_resume_skips_finished_runs(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    monkeypatch.setattr(quality.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
+    assert quality.main(["--only", "oracle_accuracy", "reference_model", "--no-report"]) == 0
+    assert [Path(c[1]).stem for c in calls] == ["oracle_accuracy", "reference_model"]
+    log = json.loads((tmp_path / "quality_run.json").read_text())
+    assert log["runs"]["reference_model"]["command"] == "python benchmarks/reference_model.py --threads 2"
+    calls.clear()
+    log["runs"]["reference_model"]["returncode"] = 1  # a failed run is run again
+    (tmp_path / "quality_run.json").write_text(json.dumps(log))
+    assert quality.main(["--only", "oracle_accuracy", "reference_model", "--resume", "--no-report"]) == 0
+    assert [Path(c[1]).stem for c in calls] == ["reference_model"]
+    assert "oracle_accuracy: finished before" in capsys.readouterr().out
+
+
+def test_a_failing_benchmark_fails_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    monkeypatch.setattr(quality.subprocess, "call", lambda cmd, cwd: 3)
+    assert quality.main(["--only", "oracle_accuracy", "--no-report"]) == 1
+    assert json.loads((tmp_path / "quality_run.json").read_text())["runs"]["oracle_accuracy"]["returncode"] == 3
+
+
+@pytest.mark.parametrize("bad", [["--only", "nope"]])
+def test_unknown_benchmark_is_a_usage_error(bad):
+    with pytest.raises(SystemExit) as e:
+        quality.main(bad)
+    assert e.value.code == 2
