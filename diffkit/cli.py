@@ -48,7 +48,7 @@ SUBCOMMAND_MODULES = ("diffkit.evaluation.cli", "diffkit.erasure.cli", "diffkit.
 #: setting each one's main scale argument (diffkit.guidance.diffusers_guiders.GUIDERS).
 GUIDANCE_SCALE_DEFAULTS = {"cfg": 7.5, "apg": 15.0, "cfgpp": 0.6,
                            "pag": 3.0, "seg": 3.0, "skip-layer": 2.8, "cfg-zero-star": 7.5, "tcfg": 7.5,
-                           "fdg": 10.0, "mambo": 10.0, "apg-mix": 10.0}
+                           "fdg": 10.0, "mambo": 10.0, "apg-mix": 10.0, "autoguidance": 7.5}
 #: What --guidance-scale sets for each diffusers guider (shown in --help).
 DIFFUSERS_GUIDANCE_HELP = {
     "pag": "PerturbedAttentionGuidance's perturbed_guidance_scale (CFG 7.5 too, PAG at every step)",
@@ -59,6 +59,7 @@ DIFFUSERS_GUIDANCE_HELP = {
     "fdg": "FrequencyDecoupledGuidance's high-frequency scale (low: half of it; needs kornia)",
     "mambo": "MagnitudeAwareGuidance's guidance_scale",
     "apg-mix": "AdaptiveProjectedMixGuidance's adaptive_projected_guidance_scale",
+    "autoguidance": "AutoGuidance's guidance_scale (the weak model: the mid-block transformer skipped)",
 }
 
 

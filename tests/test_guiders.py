@@ -484,6 +484,16 @@ def test_fdg_without_kornia_names_the_package(monkeypatch):
         make_guider("fdg", 10.0)
 
 
+def test_command_line_offers_every_guider_by_name_with_its_default():
+    from diffkit.cli import DIFFUSERS_GUIDANCE_HELP, GUIDANCE_SCALE_DEFAULTS
+    from diffkit.guidance.diffusers_guiders import GUIDERS
+
+    assert list(DIFFUSERS_GUIDANCE_HELP) == list(GUIDERS)
+    assert {k: GUIDANCE_SCALE_DEFAULTS[k] for k in GUIDERS} == {k: v[2] for k, v in GUIDERS.items()}
+    g = make_guider("autoguidance", 5.0).guider
+    assert (type(g).__name__, g.guidance_scale, g.dropout) == ("AutoGuidance", 5.0, 1.0)
+
+
 def test_make_guider_sets_the_main_scale():
     assert make_guider("pag", 4.0).guider.skip_layer_guidance_scale == 4.0
     assert make_guider("seg").guider.seg_guidance_scale == 3.0

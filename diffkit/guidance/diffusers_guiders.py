@@ -537,6 +537,9 @@ GUIDERS = {
     "fdg": (FrequencyDecoupledGuidance, "guidance_scales", 10.0, {}),
     "mambo": (MagnitudeAwareGuidance, "guidance_scale", 10.0, {}),
     "apg-mix": (AdaptiveProjectedMixGuidance, "adaptive_projected_guidance_scale", 10.0, {}),
+    # AutoGuidance's "bad model" is the U-Net with its mid-block transformer skipped (dropout 1: always), the
+    # guider's own dropout form of Karras et al.'s weaker model; its scale guides away from that model.
+    "autoguidance": (AutoGuidance, "guidance_scale", 7.5, dict(auto_guidance_layers=[0], dropout=1.0)),
 }
 
 
