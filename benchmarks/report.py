@@ -149,8 +149,127 @@ def reference_costs(data: dict) -> str:
     return "\n".join(rows)
 
 
+def _figure(unit: str, x: float) -> str:
+    return f"{x:.2f}x" if unit == "x" else _pct(x)
+
+
+def _target(unit: str, target: str | None) -> str:
+    if not target:
+        return "—"
+    direction, value = target.split()
+    return ("≤ " if direction == "<=" else "≥ ") + _figure(unit, float(value))
+
+
+def speed_cpu(data: dict) -> str:
+    rows = ["| section | model | configuration | vs | n | median | 95% interval | min / max | target | verdict |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in data["rows"]:
+        f = lambda x, u=r["unit"]: _figure(u, x)  # noqa: E731
+        rows.append(f"| {r['section']} | {r['model']} | {r['config']} | {r['vs']} | {r['n']} | {f(r['median'])} | "
+                    f"[{f(r['ci95'][0])}, {f(r['ci95'][1])}] | {f(r['min'])} / {f(r['max'])} | "
+                    f"{_target(r['unit'], r['target'])} | {r['verdict']} |")
+    return "\n".join(rows)
+
+
+def speed_targets(data: dict) -> str:
+    """The rows of speed_cpu.json that carry one of issue 19's targets, on full-size SD 1.5 (the summary)."""
+    rows = ["| target (full-size SD 1.5) | configuration | vs | n | median [95% interval] | verdict |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for r in data["rows"]:
+        if r["target"] is None or r["model"] != "sd15-full":
+            continue
+        f = lambda x, u=r["unit"]: _figure(u, x)  # noqa: E731
+        rows.append(f"| {_target(r['unit'], r['target'])} | {r['config']} | {r['vs']} | {r['n']} | "
+                    f"{f(r['median'])} [{f(r['ci95'][0])}, {f(r['ci95'][1])}] | {r['verdict']} |")
+    t = (data.get("compile") or {}).get("steady_median_s", {})
+    for num, den in (("eager", "compiled"), ("eager DeepCache N=3", "compiled DeepCache N=3"),
+                     ("eager", "compiled DeepCache N=3")):
+        if num in t and den in t:  # speedup of `den` over `num`: steady-state medians of one compiled run
+            rows.append(f"| — | {den} (steady state) | {num} | — | {t[num] / t[den]:.2f}x | reported |")
+    return "\n".join(rows)
+
+
+def speed_compile(data: dict) -> str:
+    c = data.get("compile")
+    if not c:
+        return "_(section e not run yet)_"
+    model = "Tiny SD 1.5 (smoke)" if data.get("smoke") else "Full-size SD 1.5"
+    rows = [f"{model}, {c['size']} px, {c['steps']} DDIM steps, CFG, backend `{c['backend']}`; counts are "
+            "deltas of `torch._dynamo.utils.counters` (graphs, frames) and of dynamo's recompile log, per phase.", "",
+            "| phase | seconds | graphs | frames | recompiles | graph breaks |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for p in c["phases"]:
+        sec = "—" if p["seconds"] is None or p["seconds"] != p["seconds"] else f"{p['seconds']:.1f}"
+        rows.append(f"| {p['phase']} | {sec} | {p['graphs']} | {p['frames']} | {p['recompiles']} | "
+                    f"{p['graph_breaks']} |")
+    rows += ["", "Tiny SD 1.5 U-Net with DeepCache N=3, dynamo's `eager` backend, 6 steps a call, sizes in order "
+             "(graphs / recompiles compiled at each):", "",
+             "| `dynamic=` | " + " | ".join(f"{z['size']} px" for z in c["dynamic_modes"][0]["sizes"]) +
+             " | graphs in all | recompiles in all |",
+             "| --- |" + " --- |" * (len(c["dynamic_modes"][0]["sizes"]) + 2)]
+    for m in c["dynamic_modes"]:
+        rows.append(f"| {m['dynamic']} | " + " | ".join(f"{z['graphs']} / {z['recompiles']}" for z in m["sizes"]) +
+                    f" | {m['graphs']} | {m['recompiles']} |")
+    return "\n".join(rows)
+
+
+#: What the GPU suite owes (section -> figures); listed as "owed" while benchmarks/results/gpu_suite.json is absent.
+GPU_OWED = {
+    "parity": "CUDA fp16 parity with diffusers: no guidance / CFG / DeepCache N=1, SDPA and xformers",
+    "sd15_e2e": "SD 1.5 512 px, 50 DDIM steps, CFG 7.5, end to end: diffusers, diffkit eager and compiled, "
+                "DeepCache N=3 / 5 eager and compiled, DeepCacheSDHelper (targets: <= 0.30 s with N=3 + compile; "
+                "overhead <= 1%; within 90% of the MAC ceiling)",
+    "sdxl_deepcache": "SDXL 1024 px DeepCache (target <= 1.0 s)",
+    "overhead": "the guided call's overhead vs diffusers (fp16, 512 px)",
+    "guidance": "APG, CFG++ vs CFG per step (fp16, 512 px)",
+    "pruned": "pruned U-Net latency and peak memory (-20% parameters)",
+    "erasure": "each erasure method's seconds per step and peak memory (bf16, 512 px)",
+    "mask_learning": "mask learning's peak memory on SDXL 1024 px",
+}
+
+
+def _gpu_figures(name: str, res: dict) -> str:
+    """The headline numbers of one measured GPU-suite section, in one cell."""
+    if name == "parity":
+        rows = [r for r in res["rows"] if "equal" in r]
+        return "; ".join(f"{r['backend']} {r['case']}: max diff {r['max_abs_diff']:.2g}" for r in rows)
+    if name in ("sd15_e2e", "sdxl_deepcache"):
+        return "; ".join(f"{r['config']} {r['median_s']:.3f} s" for r in res["rows"])
+    if name == "overhead":
+        return "; ".join(f"{r['pipeline']} {_pct(r['ratio'])}" for r in res["results"])
+    if name == "guidance":
+        return "; ".join(f"{r['scheduler']}/{r['method']} {r['overhead_pct']:+.1f}%" for r in res["results"])
+    if name == "pruned":
+        return "; ".join(f"{r['config']} {r['speedup_vs_unpruned']:.2f}x, peak {r['peak_memory_ratio']:.2f}"
+                         for r in res["inference"]["sd15"]["rows"])
+    if name == "erasure":
+        return "; ".join(f"{r['method']} {r['s_per_step']:.2f} s/step, {r['peak_gib']:.1f} GiB"
+                         for part in ("part1", "part2") for r in res[part]["results"])
+    if name == "mask_learning":
+        return "; ".join(f"{r['steps']} steps{' checkpointed' if r['checkpointing'] else ''}: "
+                         + ("OOM" if r.get("oom") else f"{r['peak_bytes'] / 2**30:.1f} GiB")
+                         for r in res["learning"]["rows"])
+    return "see the JSON"
+
+
+def gpu_suite(data: dict | None) -> str:
+    rows = ["| section | figures | status |", "| --- | --- | --- |"]
+    sections = (data or {}).get("sections", {})
+    for name, what in GPU_OWED.items():
+        entry = sections.get(name)
+        if entry is None:
+            status = "owed"
+        elif entry["status"] == "done":
+            status = f"{_gpu_figures(name, entry['results'])} ({entry['seconds']:.0f} s)"
+        else:
+            status = f"owed ({entry['status']}: {entry.get('reason', '')})"
+        rows.append(f"| {name} | {what} | {status} |")
+    return "\n".join(rows)
+
+
 #: table name -> (results file, renderer)
 TABLES = {
+    "speed_targets": ("speed_cpu.json", speed_targets),
     "reference_costs": ("reference_model.json", reference_costs),
     "reference_model": ("reference_model.json", reference_model),
     "guiders_summary": ("guiders_quality.json", guiders_summary),
@@ -158,11 +277,18 @@ TABLES = {
     "guiders_quality": ("guiders_quality.json", guiders_quality),
     "apg_sweep": ("guiders_quality.json", apg_sweep),
     "guiders_overhead": ("guiders_overhead_cpu.json", guiders_overhead),
+    "speed_cpu": ("speed_cpu.json", speed_cpu),
+    "speed_compile": ("speed_cpu.json", speed_compile),
+    "gpu_suite": ("gpu_suite.json", gpu_suite),
 }
+#: tables rendered from ``None`` while their results file does not exist yet (what is owed)
+OPTIONAL = {"gpu_suite"}
 
 
 def render(name: str) -> str:
     file, fn = TABLES[name]
+    if name in OPTIONAL and not (RESULTS / file).is_file():
+        return fn(None)
     return fn(json.loads((RESULTS / file).read_text(encoding="utf-8")))
 
 
