@@ -7,7 +7,12 @@ with the oracle (``diffkit.evaluation.erasure_report``):
 * UA on forget-word prompts and UA on evaluation-only-synonym prompts (share of images *not* showing
   the concept), IRA (other concepts of the same factor still generated), CRA (other factors intact),
   KID of the erased model's retain images against the original's (oracle features);
-* ASR of the soft-prompt attack (``diffkit.erasure.attack``) on forget prompts, judged by the oracle;
+* attack success on forget prompts, judged by the oracle (``diffkit.erasure.attack``): ``--attack
+  unlearndiffatk`` (default; the discrete-token attack the papers report) and/or ``soft-prompt`` (the stronger
+  continuous one); each with its n and 95% Wilson interval;
+* the non-text probes (``diffkit.erasure.probes``, ``--probes noise-search completion``): the rate at which
+  an initial-noise search over the same prompts, and a completion of the original model's concept images
+  noised to ``--probe-strengths`` under the neutral prompt "", bring the concept back (n, Wilson interval);
 * wall time of the erasure, the artifact's size, the process's peak RSS (cumulative over the run, CPU) and the exact
   training-state bytes (trained weights, their gradients, Adam's two moments, the frozen copy ESD keeps,
   SalUn's mask).
@@ -18,6 +23,11 @@ other concepts. Targets (issue 6): UA >= 95% on forget words; SalUn's IRA and CR
 
     python benchmarks/erasure_quality.py              # reference model -> results/erasure_quality.json + grid
     python benchmarks/erasure_quality.py --smoke      # tiny random pipeline + untrained oracle: logic only
+    python benchmarks/erasure_quality.py --attack unlearndiffatk soft-prompt --probes noise-search completion
+
+UnlearnDiffAtk's budget flags default to its reference values (``--attack-tokens 5``,
+``--attack-iterations 40`` per timestep, ``--attack-timesteps 50``, lr 0.01); its images, like every other
+image here, use ``--inference-steps`` DDIM steps (the reference samples 50 LMS steps).
 """
 
 from __future__ import annotations
@@ -35,7 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, print_table, write_json  # noqa: E402
 
 from diffkit.erasure import ErasureConfig, erase, make_accelerator, read_sidecar  # noqa: E402
-from diffkit.erasure.attack import AttackConfig, attack_success_rate  # noqa: E402
+from diffkit.erasure.attack import ATTACKS, AttackConfig, attack_success_rate  # noqa: E402
+from diffkit.erasure.probes import CompletionConfig, NoiseSearchConfig, completion_probe, noise_search_probe  # noqa: E402
+from diffkit.erasure.unlearndiffatk import UnlearnDiffAtkConfig  # noqa: E402
+
+PROBES = ("noise-search", "completion")
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "docs" / "images" / "erasure_grid.png"
@@ -159,7 +173,18 @@ def protocol_parser(doc: str, methods, **defaults) -> argparse.ArgumentParser:
     ap.add_argument("--inference-steps", type=int, default=15)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--attack-prompts", type=int, default=4)
-    ap.add_argument("--attack-steps", type=int, default=20)
+    ap.add_argument("--attack", nargs="+", default=["unlearndiffatk"], choices=ATTACKS,
+                    help="attacks whose success is reported (the first fills the table's ASR column)")
+    ap.add_argument("--attack-steps", type=int, default=20, help="soft-prompt: Adam steps")
+    ap.add_argument("--attack-tokens", type=int, default=5, help="unlearndiffatk: adversarial tokens (reference 5)")
+    ap.add_argument("--attack-iterations", type=int, default=40,
+                    help="unlearndiffatk: optimisation steps per timestep (reference 40)")
+    ap.add_argument("--attack-timesteps", type=int, default=50,
+                    help="unlearndiffatk: timesteps, one generation + judgement after each (reference 50)")
+    ap.add_argument("--probes", nargs="*", default=[], choices=PROBES, help="non-text probes to report")
+    ap.add_argument("--probe-candidates", type=int, default=16, help="noise search: initial noises per prompt")
+    ap.add_argument("--probe-strengths", type=float, nargs="+", default=[0.5, 0.75],
+                    help="completion: fractions of the schedule re-noised")
     ap.set_defaults(**defaults)
     return ap
 
@@ -167,7 +192,8 @@ def protocol_parser(doc: str, methods, **defaults) -> argparse.ArgumentParser:
 def smoke_settings(args) -> None:
     """Two of everything: enough to run every code path of a benchmark in seconds."""
     for name in ("esd_steps", "salun_steps", "adv_steps", "doco_steps", "salun_images", "salun_batch",
-                 "doco_images", "doco_batch", "sample_steps", "n_prompts", "inference_steps", "attack_steps"):
+                 "doco_images", "doco_batch", "sample_steps", "n_prompts", "inference_steps", "attack_steps",
+                 "attack_iterations", "attack_timesteps", "attack_tokens", "probe_candidates"):
         if hasattr(args, name):
             setattr(args, name, 2)
     args.seeds, args.attack_prompts = [0], 1
@@ -186,8 +212,44 @@ def parse_and_load(ap, argv, script: str):
         return args, None
 
 
+def robustness(args, erased, prompts, judge, score, targets) -> dict:
+    """Each attack of ``args.attack`` and probe of ``args.probes`` on ``erased``: {"asr", "pre_attack" (the first
+    attack's), "columns" (per attack / probe: rate and 95% Wilson interval, flat for the rows), "details"}."""
+    from diffkit.evaluation.stats import rate
+
+    columns, details, first = {}, {}, None
+    for name in args.attack:
+        if name == "soft-prompt":
+            cfg = AttackConfig(steps=args.attack_steps, guidance_scale=args.guidance,
+                               num_inference_steps=args.inference_steps)
+        else:
+            cfg = UnlearnDiffAtkConfig(prefix_tokens=args.attack_tokens, iterations=args.attack_iterations,
+                                       timesteps=args.attack_timesteps, guidance_scale=args.guidance,
+                                       num_inference_steps=args.inference_steps)
+        rep = attack_success_rate(erased, prompts, judge, targets, cfg, attack=name)
+        first = first or rep
+        r = rate(rep.hits)
+        key = name.replace("-", "_")
+        columns.update({f"asr_{key}": r.value, f"asr_{key}_ci95": [r.low, r.high]})
+        details[name] = {**rep.to_dict(), "rate": r.to_json(), "pre_attack_rate": rate(rep.pre_attack).to_json()}
+    call = dict(num_inference_steps=args.inference_steps, guidance_scale=args.guidance)
+    for name in args.probes:
+        if name == "noise-search":
+            rep = noise_search_probe(erased, prompts, judge, score,
+                                     NoiseSearchConfig(candidates=args.probe_candidates, **call))
+        else:
+            rep = completion_probe(erased, targets, judge, CompletionConfig(strengths=tuple(args.probe_strengths),
+                                                                            **call))
+        r = rate(rep.hits)
+        key = name.replace("-", "_")
+        columns.update({f"probe_{key}": r.value, f"probe_{key}_ci95": [r.low, r.high]})
+        details[name] = {**rep.to_dict(), "rate": r.to_json(),
+                         "level_rates": {k: rate(h).to_json() for k, h in rep.levels.items()}}
+    return dict(asr=first.asr, pre_attack=first.pre_attack_rate, columns=columns, details=details)
+
+
 def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=None):
-    """For each concept and method of ``args``: erase, measure (oracle report and soft-prompt attack), unload.
+    """For each concept and method of ``args``: erase, measure (oracle report, attacks, probes), unload.
 
     ``config_for(method, concept, args)`` builds the job; ``state_bytes(metrics, method)`` counts its training
     state; ``after_job(rows, details)`` runs after every job (partial results). Returns (rows, details,
@@ -213,6 +275,10 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
             def judge(batch, factor=factor, concept=concept):
                 return [lab == concept for lab in oracle.classify(batch, value_range=(0, 1)).labels[factor]]
 
+            def score(batch, factor=factor, concept=concept):  # the noise search's ranking
+                index = list(oracle.factors[factor]).index(concept)
+                return oracle.classify(batch, value_range=(0, 1)).probs[factor][:, index]
+
             for method in args.methods:
                 cfg = config_for(method, concept, args)
                 t0 = time.perf_counter()
@@ -222,20 +288,18 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
                 report = erasure_report(original, erased, oracle, factor, concept, groups["forget"],
                                         groups["synonyms"], groups["retain"], seeds=args.seeds, progress=False,
                                         **call)
-                attack = attack_success_rate(erased, attack_prompts, judge, targets,
-                                             AttackConfig(steps=args.attack_steps, guidance_scale=args.guidance,
-                                                          num_inference_steps=args.inference_steps))
+                robust = robustness(args, erased, attack_prompts, judge, score, targets)
                 grid += list(images(erased, show, 0, args.inference_steps, args.guidance))
                 erased.unload_erasure()
                 row = dict(concept=concept, factor=factor, method=method, ua=report["ua"],
                            ua_synonyms=report["ua_synonyms"], ira=report["ira"], cra=report["cra"], kid=report["kid"],
-                           asr=attack.asr, pre_attack=attack.pre_attack_rate, train_s=train_s,
+                           asr=robust["asr"], pre_attack=robust["pre_attack"], train_s=train_s,
                            state_mib=state_bytes(m, method) / 2**20,
                            storage_kib=read_sidecar(result.path)["storage_bytes"] / 1024,
-                           peak_rss_gib=m["peak_memory_bytes"] / 2**30)
+                           peak_rss_gib=m["peak_memory_bytes"] / 2**30, **robust["columns"])
                 rows.append(row)
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-                details[f"{method}-{concept}"] = dict(report=report, attack=attack.to_dict(), config=cfg.to_dict(),
+                details[f"{method}-{concept}"] = dict(report=report, attack=robust["details"], config=cfg.to_dict(),
                                                       metrics={k: v for k, v in m.items() if k != "losses"},
                                                       loss_first=m["losses"][0], loss_last=m["losses"][-1])
                 if after_job is not None:
@@ -247,13 +311,17 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
 
 def markdown_table(rows: list[dict], tail=(("artifact KiB", "{storage_kib:.0f}"),)) -> str:
     """The README table (percentages for accuracies and ASR); ``tail``: (header, format) of the last columns."""
-    heads = ["concept", "method", "UA forget", "UA synonym", "IRA", "CRA", "KID", "ASR (pre-attack)", "train s"]
-    heads += [h for h, _ in tail]
+    extra = [(c, c.replace("asr_", "ASR ").replace("probe_", "").replace("_", " ")) for c in
+             (rows[0] if rows else {}) if c.startswith(("asr_", "probe_")) and not c.endswith("_ci95")]
+    heads = ["concept", "method", "UA forget", "UA synonym", "IRA", "CRA", "KID", "ASR (pre-attack)"]
+    heads += [f"{h} [95% CI]" for _, h in extra] + ["train s"] + [h for h, _ in tail]
     lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
     for r in rows:
         cells = [f"{r['concept']} ({r['factor']})", r["method"], f"{100 * r['ua']:.0f}%",
                  f"{100 * r['ua_synonyms']:.0f}%", f"{100 * r['ira']:.0f}%", f"{100 * r['cra']:.0f}%",
-                 f"{r['kid']:.4f}", f"{100 * r['asr']:.0f}% ({100 * r['pre_attack']:.0f}%)", f"{r['train_s']:.0f}"]
+                 f"{r['kid']:.4f}", f"{100 * r['asr']:.0f}% ({100 * r['pre_attack']:.0f}%)"]
+        cells += [f"{100 * r[c]:.0f}% [{100 * r[c + '_ci95'][0]:.0f}, {100 * r[c + '_ci95'][1]:.0f}]" for c, _ in extra]
+        cells += [f"{r['train_s']:.0f}"]
         cells += [fmt.format(**r) for _, fmt in tail]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -237,14 +237,15 @@ def build_guidance(method: str, scale: float):
 
 
 def attach_features(pipe, args) -> dict:
-    """Apply --deepcache / --pruning / --erasure to ``pipe``; returns what was attached (for the JSON lines)."""
+    """Apply --deepcache, --pruning, --erasure, --lora to ``pipe``; returns what was attached (for the JSON lines)."""
     features = {}
-    for key, path, load, what in (("pruning", args.pruning, pipe.load_pruning, "pruning spec"),
-                                  ("erasure", args.erasure, pipe.load_erasure, "erasure artifact")):
+    for key, path, verb, what in (("pruning", args.pruning, "load_pruning", "pruning spec"),
+                                  ("erasure", args.erasure, "load_erasure", "erasure artifact"),
+                                  ("lora", getattr(args, "lora", None), "load_lora_weights", "LoRA")):
         if path:
             try:
-                load(path)
-            except file_errors() as e:
+                getattr(pipe, verb)(path)
+            except (*file_errors(), ImportError) as e:
                 raise CLIError(f"cannot load {what} {path!r}: {first_line(e)}") from None
             features[key] = path
     if args.deepcache:
@@ -395,6 +396,9 @@ def build_parser() -> DiffkitArgumentParser:
                    help="load a pruning spec folder (diffkit prune)")
     g.add_argument("--erasure", default=None, type=Text(), metavar="PATH",
                    help="load an erasure artifact (diffkit erase)")
+    g.add_argument("--lora", default=None, type=Text(), metavar="DIR",
+                   help="load a LoRA (a folder with diffusers' pytorch_lora_weights.safetensors, or a hub id) with "
+                        "pipe.load_lora_weights, unfused, above the erasure; needs peft")
     g.add_argument("--out", default="outputs", type=OutputDir(),
                    help="output folder (default ./outputs); images.jsonl there describes its PNGs")
     g.add_argument("--device", default="cpu", type=Device(), help="cpu, cuda, cuda:N or mps (default cpu)")

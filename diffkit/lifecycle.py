@@ -1,14 +1,14 @@
 """One feature lifecycle: every diffkit feature attaches, composes and detaches the same way.
 
 A **feature kind** (:class:`FeatureKind`) is registered by the package that implements it (DeepCache
-in ``diffkit.cache``, pruning in ``diffkit.pruning``, erasure in ``diffkit.erasure``, the attention
-backend in ``diffkit.attention``, per-call guidance in ``diffkit.pipelines``); this module imports
-none of them (PEFT's tuner registry is the model). A kind declares
+in ``diffkit.cache``, pruning in ``diffkit.pruning``, erasure in ``diffkit.erasure``, a user's LoRA in
+``diffkit.lora``, the attention backend in ``diffkit.attention``, per-call guidance in
+``diffkit.pipelines``); this module imports none of them (PEFT's tuner registry is the model). A kind declares
 
 * what it **touches** (:class:`Touch`: U-Net forward, U-Net weights, U-Net structure, text-encoder
   weights, scheduler step, attention processors),
 * its **stage** (:data:`STAGES`): the order in which features stack on a model — structure, then
-  weights, then attention processors, then forward hooks, then per-call guidance,
+  weights, then adapters (a LoRA), then attention processors, then forward hooks, then per-call guidance,
 * ``attach(pipe, config) -> state`` (all-or-nothing: on error it leaves the pipeline as it found it)
   and ``detach(pipe, state)`` (exact: the pipeline computes as if the feature had never been attached),
 * whether it can be re-attached with the same config (``reattachable``: a hook or a processor) and
@@ -56,7 +56,8 @@ class Touch(enum.Flag):
 #: Touches whose features must be detached in reverse order of attaching.
 SHARED_STATE = Touch.UNET_WEIGHTS | Touch.UNET_STRUCTURE | Touch.TEXT_ENCODER_WEIGHTS
 
-STAGES = {"structure": 0, "weights": 1, "processors": 2, "forward": 3, "call": 4}
+#: "adapters": layers wrapped around weight-holding modules (a user's LoRA through diffusers' peft backend).
+STAGES = {"structure": 0, "weights": 1, "adapters": 2, "processors": 3, "forward": 4, "call": 5}
 
 
 class FeatureConflict(ValueError):
@@ -76,6 +77,11 @@ class FeatureKind:
     #: ``update(pipe, state, config) -> state``: change an attached feature's config in place (DeepCache
     #: keeps its hooks, so a compiled U-Net keeps its graphs); without it, attach detaches and re-attaches.
     update: Callable[[Any, Any, Any], Any] | None = None
+    #: ``lift(pipe, state) -> put_back``: take what this feature folded into the weights of lower stages off
+    #: them exactly, and return a function that folds it in again (a fused LoRA: unfused exactly, then fused
+    #: again on the new weights), so a lower-stage feature can attach or detach underneath it. Unlike
+    #: ``reattachable`` features, a liftable one is lifted wherever it sits in the attach order.
+    lift: Callable[[Any, Any], Callable[[], None]] | None = None
 
     def __post_init__(self):
         if self.stage not in STAGES:
@@ -136,6 +142,16 @@ RULES: dict[frozenset, Rule] = {
                                             "attention modules"),
     frozenset({"erasure", "attention"}): _c("independent (weights vs processors)"),
     frozenset({"erasure"}): _c("several erasures stack on disjoint tensors; overlapping ones are refused"),
+    frozenset({"lora", "guidance"}): _c("guidance combines the predictions of the U-Net with its LoRA"),
+    frozenset({"lora", "deepcache"}): _c("DeepCache's shallow forward runs the LoRA layers it calls (and the call's "
+                                         "LoRA scale)"),
+    frozenset({"lora", "pruning"}): _r("pruning changes the widths of the modules a LoRA adapts; load the LoRA on the "
+                                       "unpruned pipeline (pipe.unload_pruning()) or unload it first "
+                                       "(pipe.unload_lora_weights())"),
+    frozenset({"lora", "erasure"}): _c("either order: erasure patches the base weights under the LoRA; a fused LoRA is "
+                                       "unfused exactly and fused again around an erasure's load and unload, so the "
+                                       "weights are always the erased ones plus the LoRA's delta"),
+    frozenset({"lora", "attention"}): _c("independent: the LoRA wraps linear layers, the processors call them"),
 }
 
 
@@ -247,7 +263,7 @@ class FeatureSet:
             for old in self.of(name):
                 self.detach(old)
         lifted = [f for f in self._features if f.kind.reattachable and STAGES[f.kind.stage] > STAGES[kind.stage]]
-        with self._lifted(lifted):
+        with self._lifted(lifted), self._unfolded(kind, None):
             feature = Feature(kind, config, self)
             feature.state = kind.attach(self.pipe, config)  # all-or-nothing by contract
             self._features.append(feature)
@@ -264,7 +280,7 @@ class FeatureSet:
                                       f"changes the same {_names(later.touches & shared)}")
         lifted = [f for f in self._features[i + 1:]
                   if f.kind.reattachable and STAGES[f.kind.stage] > STAGES[feature.kind.stage]]
-        with self._lifted(lifted):
+        with self._lifted(lifted), self._unfolded(feature.kind, feature):
             feature.kind.detach(self.pipe, feature.state)
             self._features.remove(feature)
 
@@ -294,6 +310,19 @@ class FeatureSet:
         finally:
             for f in features:
                 f.state = f.kind.attach(pipe, f.config)
+
+    @contextlib.contextmanager
+    def _unfolded(self, kind: FeatureKind, skip: Feature | None):
+        """Lift every liftable feature above ``kind``'s stage (any position; newest first), put them back after."""
+        put_back = []
+        try:
+            for f in reversed(self._features):
+                if f is not skip and f.kind.lift is not None and STAGES[f.kind.stage] > STAGES[kind.stage]:
+                    put_back.append(f.kind.lift(self.pipe, f.state))
+            yield
+        finally:
+            for again in reversed(put_back):
+                again()
 
     @contextlib.contextmanager
     def suspended(self, touches: Touch, job: str):

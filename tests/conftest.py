@@ -10,6 +10,15 @@ from diffkit.zoo import save_tiny_pipeline
 torch.use_deterministic_algorithms(False)
 
 
+@pytest.fixture(autouse=True)
+def _keep_thread_count():
+    """A test that sets torch's thread count gets it back afterwards: later tests (and the subprocesses
+    they compare with bit for bit) reduce floats with the process's usual number of threads."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory):
     """{"sd15": path, "sd2": path, "sdxl": path} of saved tiny pipelines (seed 0)."""

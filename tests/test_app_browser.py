@@ -226,3 +226,10 @@ def test_edit_and_erase_tabs(page):
     page.get_by_role("tab", name="Generate").click()
     page.locator("#erasure input").click()
     assert Path(artifact.group(1)).name in page.get_by_role("option").all_inner_texts()
+
+
+def test_the_lora_choice_is_on_the_generate_tab(page):
+    lora = page.locator("#lora input")
+    lora.wait_for(state="visible")
+    assert lora.input_value() == "(none)"  # no LoRA unless one is picked from --lora-dir's folders
+    assert page.get_by_label(re.compile(r"^LoRA \(folders in .*lora\)$")).count() == 1

@@ -271,9 +271,42 @@ def form(**kw):
     values = dict(prompt="a red star", negative_prompt="", seed=0, steps=STEPS, scheduler="DDIM", method="CFG",
                   cfg_scale=7.5, apg_scale=15.0, apg_eta=0.0, apg_norm_threshold=15.0, apg_momentum=-0.5,
                   cfgpp_scale=0.6, deepcache=False, deepcache_interval=3, deepcache_branch=0,
-                  deepcache_schedule="uniform", pruning="(none)", erasure="(none)", guider="pag", guider_scale=3.0)
+                  deepcache_schedule="uniform", pruning="(none)", erasure="(none)", guider="pag", guider_scale=3.0,
+                  lora="(none)")
     values.update(kw)
     return [values[k] for k in GENERATE_FIELDS]
+
+
+def test_generate_with_a_lora_folder_equals_a_direct_call_and_unloads_it(model, load_tiny, tmp_path):
+    pytest.importorskip("peft")
+    from _lora import make_lora
+
+    from diffkit.pruning import find_units, save_pruning
+
+    style = make_lora(model.pipe.unet, tmp_path / "loras" / "style")
+    before = weights(model.pipe)
+    g = logic.generate(model, settings(lora=str(style), deepcache=DeepCacheSettings(True, 2)))
+    reference = load_tiny("sd15")
+    reference.load_lora_weights(style)
+    reference.enable_deepcache(interval=2)
+    assert same(g.image, direct(reference))
+    assert not same(g.image, direct(load_tiny("sd15")))  # the LoRA changed the image
+    assert len(model.pipe.features) == 0 and bit_equal(weights(model.pipe), before)  # unloaded, exactly
+    assert same(logic.generate(model, settings()).image, direct(load_tiny("sd15")))
+
+    h = Handlers(model, tmp_path / "pruning", tmp_path / "erasure", tmp_path / "loras")
+    assert h.lora_choices() == ["(none)", "style"]
+    _, image, text = h.generate(False, 1, *form(lora="style", deepcache=True, deepcache_interval=2))
+    assert same(image, g.image) and text.endswith(", DeepCache N=2 branch 0 uniform, LoRA (style)")
+    assert h.generate(False, 1, *form(lora="../style"))[2] == "⚠️ LoRA '../style' is not a folder name."
+    (tmp_path / "loras" / "empty").mkdir()
+    assert h.generate(False, 1, *form(lora="empty"))[2].startswith(f"⚠️ The LoRA {str(tmp_path / 'loras' / 'empty')!r} "
+                                                                  f"could not be loaded: ")
+    kept = {u.name: list(range(max(1, u.size // 2))) for u in find_units(model.pipe.unet) if u.kind == "ffn"}
+    save_pruning(tmp_path / "pruning" / "half", model.pipe.unet, kept, macs=False)
+    _, image, text = h.generate(False, 1, *form(lora="style", pruning="half"))
+    assert image is None and "could not be loaded: lora cannot be combined with the attached pruning" in text
+    assert len(model.pipe.features) == 0 and bit_equal(weights(model.pipe), before)
 
 
 def test_handlers_turn_every_failure_into_a_message(model, monkeypatch, tmp_path):

@@ -127,7 +127,7 @@ def test_files_outside_the_app_are_refused_and_never_served(server, secrets_outs
         name, payload = call(server, "edit", [fd, "a red star", "a blue star", 0.6, 2])
         assert (name, payload["error"]) == ("error", FOREIGN_FILE_MESSAGE), (kind, payload)
         generate_inputs = [True, 1, fd, "", 0, 2, "DDIM", "CFG", 7.5, 15, 0, 15, -0.5, 0.6, False, 3, 0,
-                           "uniform", "(none)", "(none)"]
+                           "uniform", "(none)", "(none)", "pag", 3.0, "(none)"]
         name, payload = call(server, "generate", generate_inputs)
         assert (name, payload["error"]) == ("error", FOREIGN_FILE_MESSAGE), (kind, payload)
         # Every event of the page, by index, with the file in every input (queued and direct routes).
@@ -163,7 +163,8 @@ def test_an_uploaded_image_is_accepted_and_its_results_are_served(server, secret
         assert served.status_code == 200 and served.headers["content-type"] == "image/png"
     # The public generate endpoint works as gradio_client calls it (the session state is not an API input).
     name, payload = call(server, "generate", [False, 1, "a red star", "", 0, 2, "DDIM", "CFG", 7.5, 15, 0, 15,
-                                              -0.5, 0.6, False, 3, 0, "uniform", "(none)", "(none)"])
+                                              -0.5, 0.6, False, 3, 0, "uniform", "(none)", "(none)", "pag",
+                                              3.0, "(none)"])
     assert name == "complete" and payload[0] is None and payload[2].endswith(" — seed 0, DDIM, 2 steps, CFG 7.5")
     assert httpx.get(payload[1]["url"]).status_code == 200
 

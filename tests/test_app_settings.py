@@ -177,3 +177,19 @@ def test_suggested_erase_prompts_change_only_the_erased_factor():
     assert suggest_erase_prompts("a dog") == ("a dog", "a blue solid square on a white background")
     assert suggest_erase_prompts("dog") == ("a dog", "a blue solid square on a white background")
     assert suggest_erase_prompts(None) == ("", "a blue solid square on a white background")
+
+
+def test_lora_choice(tmp_path):
+    (tmp_path / "loras" / "style").mkdir(parents=True)
+    s = validate_generate("a red star", lora="style", erasure=NONE_CHOICE, lora_root=tmp_path / "loras")
+    assert s.lora == str(tmp_path / "loras" / "style")
+    assert s.describe() == "seed 0, DDIM, 25 steps, CFG 7.5, LoRA (style)"
+    assert s.baseline().lora is None and s.baseline().describe() == "seed 0, DDIM, 25 steps, CFG 7.5"
+    assert validate_generate("a red star", lora=NONE_CHOICE, lora_root=tmp_path / "loras").lora is None
+    assert validate_generate("a red star").lora is None
+    with pytest.raises(InputError, match=r"^LoRA '\.\./style' is not a folder name\.$"):
+        validate_generate("a red star", lora="../style", lora_root=tmp_path / "loras")
+    with pytest.raises(InputError, match=r"^LoRA 'gone' was not found in .*loras"):
+        validate_generate("a red star", lora="gone", lora_root=tmp_path / "loras")
+    with pytest.raises(InputError, match=r"^The LoRA folder .* does not exist"):
+        validate_generate("a red star", lora="style", lora_root=tmp_path / "missing")

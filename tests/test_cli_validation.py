@@ -53,6 +53,7 @@ BASE = {
     "erase-batch": (["JOBS"], ["--out", "OUT"]),
     "prune": (["x"], ["--out", "OUT", "--target-reduction", "0.2"]),
     "eval": ([], []),
+    "export": (["DIR"], ["--out", "OUT"]),
 }
 
 #: (command, option) -> [(bad value, message after "diffkit: error: ")] for the options that are not numbers.
@@ -62,9 +63,10 @@ BAD_TEXT = {
     ("generate", "--model"): [("", "--model " + BLANK)],
     ("generate", "--prompts-file"): [(" ", "--prompts-file " + BLANK)],
     ("generate", "--guidance"): [("cfgg", "--guidance must be one of cfg, apg, cfgpp, pag, seg, skip-layer, "
-                                          "cfg-zero-star, tcfg, fdg, mambo, apg-mix, got 'cfgg'")],
+                                          "cfg-zero-star, tcfg, fdg, mambo, apg-mix, autoguidance, got 'cfgg'")],
     ("generate", "--pruning"): [("", "--pruning " + BLANK)],
     ("generate", "--erasure"): [("", "--erasure " + BLANK)],
+    ("generate", "--lora"): [("", "--lora " + BLANK)],
     ("generate", "--out"): [("FILE", "--out must be a folder, but 'FILE' is a file"),
                             ("FILE/sub", "--out must be a folder, but 'FILE' (a parent) is a file")],
     ("generate", "--device"): [("tpu", "--device: unknown device 'tpu'; use one of cpu, cuda, mps")],
@@ -91,6 +93,10 @@ BAD_TEXT = {
     ("prune", "--scheduler"): [("dpm", "--scheduler must be one of keep, ddim, euler, got 'dpm'")],
     ("prune", "--mixed-precision"): [("fp8", "--mixed-precision must be one of no, fp16, bf16, got 'fp8'")],
     ("prune", "--device"): [("gpu", "--device: unknown device 'gpu'")],
+    ("export", "artifact"): [(" ", "artifact " + BLANK)],
+    ("export", "--out"): [("FILE", "--out must be a folder, but 'FILE' is a file")],
+    ("export", "--model"): [("", "--model " + BLANK)],
+    ("export", "--dtype"): [("int8", "--dtype: unknown dtype 'int8'; use one of")],
     ("eval", "--model"): [("", "--model " + BLANK)],
     ("eval", "--erased"): [("", "--erased " + BLANK)],
     ("eval", "--concept"): [(" ", "--concept " + BLANK)],

@@ -56,7 +56,10 @@ def test_bad_values_name_the_parameter(changes, message):
 
 
 def test_salun_without_retain_is_fine_with_beta_zero():
-    assert ErasureConfig(method="salun", concept="red", beta=0.0).retain_prompts == ()
+    # SalUn's random label needs a concrete substitute: given here, as no retain prompt can serve as one.
+    assert ErasureConfig(method="salun", concept="red", anchor="green", beta=0.0).retain_prompts == ()
+    with pytest.raises(ValueError, match="method 'salun' needs a substitute concept: give anchor"):
+        ErasureConfig(method="salun", concept="red", beta=0.0)
 
 
 def test_yaml_roundtrip_and_overrides(tmp_path):

@@ -326,7 +326,7 @@ def test_everything_at_once_erasure_pruning_deepcache_apg(load_tiny, world):
 def test_every_pair_has_a_rule_and_the_matrix_is_documented():
     from pathlib import Path
 
-    kinds = ("guidance", "deepcache", "pruning", "erasure", "attention")
+    kinds = ("guidance", "deepcache", "pruning", "erasure", "attention", "lora")
     for a in kinds:
         for b in kinds:
             if a != b or b == "erasure":
@@ -488,9 +488,10 @@ def test_touches_and_stages_are_declared():
     assert feature_kind("attention").touches == Touch.ATTENTION_PROCESSORS
     assert [feature_kind(n).stage for n in ("pruning", "erasure", "attention", "deepcache", "guidance")] == [
         "structure", "weights", "processors", "forward", "call"]
-    with pytest.raises(ValueError, match="unknown feature 'lora'; registered: attention, deepcache, erasure, "
-                                         "guidance, pruning"):
-        feature_kind("lora")
+    assert feature_kind("lora").stage == "adapters" and feature_kind("lora").lift is not None
+    with pytest.raises(ValueError, match="unknown feature 'nonesuch'; registered: attention, deepcache, erasure, "
+                                         "guidance, lora, pruning"):
+        feature_kind("nonesuch")
 
 
 def test_features_of_a_plain_object_is_created_once(load_tiny):

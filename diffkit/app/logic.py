@@ -78,6 +78,7 @@ def feature_report(pipe) -> dict[str, str | None]:
         "DeepCache": lambda: pipeline_method(pipe, "enable_deepcache", "DeepCache"),
         "Pruning": lambda: pipeline_method(pipe, "load_pruning", "Pruning"),
         "Erasure artifacts": lambda: pipeline_method(pipe, "load_erasure", "Erasure"),
+        "LoRA": lambda: lora_backend(pipe),
         "Inversion (Edit tab)": lambda: pipeline_method(pipe, "invert", "Inversion"),
         "Erasure training (Erase tab)": lambda: erasure_trainer(),
     }
@@ -241,7 +242,10 @@ def check_scheduler_supports(guidance_method: str, scheduler) -> None:
 
 @contextlib.contextmanager
 def configured(model: DemoModel, pipe, settings: GenerateSettings):
-    """Apply the request's scheduler, erasure artifact and DeepCache to ``pipe``; undo all of it on exit.
+    """Apply the request's scheduler, erasure artifact, LoRA and DeepCache to ``pipe``; undo all of it on exit.
+
+    The LoRA goes on above the erasure (the order of diffkit.lifecycle: weights, then adapters) and is loaded
+    unfused, so unloading it is exact.
 
     Call with ``model.lock`` held: these are changes to a shared object.
     """
@@ -254,6 +258,9 @@ def configured(model: DemoModel, pipe, settings: GenerateSettings):
             before = len(getattr(pipe, "loaded_erasures", []))
             load_erasure_safely(pipe, settings.erasure)
             undo.callback(_unload_erasures, pipe, before)
+        if settings.lora:
+            load_lora_safely(pipe, settings.lora)
+            undo.callback(pipe.unload_lora_weights)
         if settings.deepcache.enabled:
             enable = pipeline_method(pipe, "enable_deepcache", "DeepCache")
             d = settings.deepcache
@@ -282,6 +289,36 @@ def load_erasure_safely(pipe, path: str) -> None:
         load(path)
     except Exception as e:  # noqa: BLE001 - unreadable, corrupt or made for another model
         raise InputError(f"The erasure artifact {path!r} could not be loaded: {first_line(e)}") from None
+
+
+#: The adapter name the demo loads a request's LoRA under.
+DEMO_ADAPTER = "demo"
+
+
+def lora_backend(pipe):
+    """``pipe.load_lora_weights``, or FeatureUnavailable when the pipeline or peft lacks it."""
+    load = pipeline_method(pipe, "load_lora_weights", "LoRA")
+    try:
+        from diffkit.lora import require_peft
+    except ImportError:
+        raise unavailable("LoRA", "diffkit.lora is missing") from None
+    try:
+        require_peft()
+    except ImportError as e:
+        raise unavailable("LoRA", first_line(e)) from None
+    return load
+
+
+def load_lora_safely(pipe, path: str) -> None:
+    """``pipe.load_lora_weights(path)`` (unfused), with any failure as an InputError saying what was wrong.
+
+    diffkit checks a LoRA against the pipeline before loading (all-or-nothing), so on a failure the shared
+    pipeline is exactly as before."""
+    load = lora_backend(pipe)
+    try:
+        load(path, adapter_name=DEMO_ADAPTER)
+    except Exception as e:  # noqa: BLE001 - unreadable, for another base model, refused with pruning
+        raise InputError(f"The LoRA {path!r} could not be loaded: {first_line(e)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,7 +372,7 @@ def render(model: DemoModel, pipe, settings: GenerateSettings) -> Generation:
 
 
 def compare(model: DemoModel, settings: GenerateSettings, repeats: int = 1) -> Comparison:
-    """The baseline (plain CFG, no cache, no pruning, no erasure) and the configured pipeline, same seed.
+    """The baseline (plain CFG, no cache, no pruning, no erasure, no LoRA) and the configured pipeline, same seed.
 
     With ``repeats`` > 1 the two are run alternately that many times and each keeps its fastest wall time
     (the runs are deterministic, so the images do not change); alternating spreads machine noise over both.

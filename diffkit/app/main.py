@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--erasure-dir", default="outputs/erasure",
                    help="folder whose subfolders are erasure artifacts; the Erase tab writes here "
                         "(default outputs/erasure)")
+    p.add_argument("--lora-dir", default="outputs/lora",
+                   help="folder whose subfolders are LoRAs (diffusers' pytorch_lora_weights.safetensors; "
+                        "default outputs/lora)")
     p.add_argument("--no-warmup", action="store_true", help="skip the one-step warm-up call at start")
     return p
 
@@ -82,7 +85,7 @@ def prepare(argv=None):
     model = load_model(args.model, device, dtype)
     if not args.no_warmup:
         model.warm_up()
-    demo = build_demo(Handlers(model, args.pruning_dir, args.erasure_dir))
+    demo = build_demo(Handlers(model, args.pruning_dir, args.erasure_dir, args.lora_dir))
     demo.queue(default_concurrency_limit=2)
     # launch() reads GRADIO_ALLOWED_PATHS whenever allowed_paths is empty; the demo serves no extra folder.
     if os.environ.pop("GRADIO_ALLOWED_PATHS", None):
@@ -90,7 +93,7 @@ def prepare(argv=None):
               file=sys.stderr)
     model_dir = args.model if args.model and os.path.isdir(args.model) else reference_model_path()
     launch = dict(server_name=args.host, server_port=args.port, share=args.share, css=CSS,
-                  **launch_options(model_dir, args.pruning_dir, args.erasure_dir))
+                  **launch_options(model_dir, args.pruning_dir, args.erasure_dir, args.lora_dir))
     return demo, launch
 
 

@@ -72,7 +72,7 @@ class DeepCacheSettings:
 
 @dataclass(frozen=True)
 class GenerateSettings:
-    """One validated generation request. ``pruning`` / ``erasure`` are artifact directories or None."""
+    """One validated generation request. ``pruning`` / ``erasure`` / ``lora`` are directories or None."""
 
     prompt: str
     negative_prompt: str = ""
@@ -83,12 +83,13 @@ class GenerateSettings:
     deepcache: DeepCacheSettings = DeepCacheSettings()
     pruning: str | None = None
     erasure: str | None = None
+    lora: str | None = None  # a LoRA folder (diffusers' pytorch_lora_weights.safetensors), loaded unfused
 
     def baseline(self) -> GenerateSettings:
         """The compare mode's reference: same prompt, seed, steps and scheduler; plain CFG at the CFG scale,
-        no cache, no pruning, no erasure."""
+        no cache, no pruning, no erasure, no LoRA."""
         return dataclasses.replace(self, guidance=GuidanceSettings(method="CFG", cfg_scale=self.guidance.cfg_scale),
-                                   deepcache=DeepCacheSettings(), pruning=None, erasure=None)
+                                   deepcache=DeepCacheSettings(), pruning=None, erasure=None, lora=None)
 
     def describe(self) -> str:
         """A one-line summary of what differs from a plain pipeline (for the result captions)."""
@@ -105,6 +106,8 @@ class GenerateSettings:
             out.append(f"pruned ({Path(self.pruning).name})")
         if self.erasure:
             out.append(f"erasure ({Path(self.erasure).name})")
+        if self.lora:
+            out.append(f"LoRA ({Path(self.lora).name})")
         return ", ".join(out)
 
 
@@ -225,12 +228,12 @@ def validate_deepcache(enabled, interval=3, branch=0, schedule="uniform", steps:
 def validate_generate(prompt, negative_prompt="", seed=0, steps=25, scheduler="DDIM", method="CFG", cfg_scale=7.5,
                       apg_scale=15.0, apg_eta=0.0, apg_norm_threshold=15.0, apg_momentum=-0.5, cfgpp_scale=0.6,
                       deepcache=False, deepcache_interval=3, deepcache_branch=0, deepcache_schedule="uniform",
-                      pruning=None, erasure=None, guider="pag", guider_scale=None, pruning_root=None,
-                      erasure_root=None) -> GenerateSettings:
+                      pruning=None, erasure=None, guider="pag", guider_scale=None, lora=None, pruning_root=None,
+                      erasure_root=None, lora_root=None) -> GenerateSettings:
     """All of the Generate tab's fields (raw widget values) -> :class:`GenerateSettings`, or :class:`InputError`.
 
-    ``pruning`` / ``erasure`` are dropdown choices: folder names under ``pruning_root`` / ``erasure_root``,
-    or :data:`NONE_CHOICE`.
+    ``pruning`` / ``erasure`` / ``lora`` are dropdown choices: folder names under ``pruning_root`` /
+    ``erasure_root`` / ``lora_root``, or :data:`NONE_CHOICE`.
     """
     prompt = check_prompt(prompt)  # first: the message a person needs first
     steps = check_int(steps, "Steps", 1, MAX_STEPS)
@@ -245,6 +248,7 @@ def validate_generate(prompt, negative_prompt="", seed=0, steps=25, scheduler="D
         deepcache=validate_deepcache(deepcache, deepcache_interval, deepcache_branch, deepcache_schedule, steps),
         pruning=resolve_artifact(pruning, pruning_root, "Pruning spec"),
         erasure=resolve_artifact(erasure, erasure_root, "Erasure artifact"),
+        lora=resolve_artifact(lora, lora_root, "LoRA"),
     )
 
 

@@ -43,7 +43,7 @@ log = logging.getLogger("diffkit.app")
 GENERATE_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "scheduler", "method", "cfg_scale", "apg_scale",
                    "apg_eta", "apg_norm_threshold", "apg_momentum", "cfgpp_scale", "deepcache", "deepcache_interval",
                    "deepcache_branch", "deepcache_schedule", "pruning", "erasure", "guider",
-                   "guider_scale")
+                   "guider_scale", "lora")
 
 #: Display height of images in pixels (64x64 model outputs are shown enlarged, pixelated).
 IMAGE_HEIGHT = 256
@@ -121,10 +121,11 @@ class Handlers:
     Each returns the outputs' new values; errors become a status message (never an exception).
     """
 
-    def __init__(self, model: logic.DemoModel, pruning_dir=None, erasure_dir=None):
+    def __init__(self, model: logic.DemoModel, pruning_dir=None, erasure_dir=None, lora_dir=None):
         self.model = model
         self.pruning_dir = pruning_dir
         self.erasure_dir = erasure_dir
+        self.lora_dir = lora_dir
 
     # Generate ---------------------------------------------------------------------------------------
     def generate(self, compare: bool, repeats, *values):
@@ -134,7 +135,8 @@ class Handlers:
         """
         try:
             settings = validate_generate(**dict(zip(GENERATE_FIELDS, values, strict=True)),
-                                         pruning_root=self.pruning_dir, erasure_root=self.erasure_dir)
+                                         pruning_root=self.pruning_dir, erasure_root=self.erasure_dir,
+                                         lora_root=self.lora_dir)
             if compare:
                 result = logic.compare(self.model, settings, check_int(repeats, "Timing runs", 1, MAX_TIMING_RUNS))
                 return result.baseline.image, result.configured.image, logic.format_comparison(result)
@@ -146,6 +148,10 @@ class Handlers:
     def artifact_choices(self) -> tuple[list[str], list[str]]:
         """Dropdown choices for (pruning specs, erasure artifacts), each starting with the no-artifact entry."""
         return ([NONE_CHOICE, *list_artifacts(self.pruning_dir)], [NONE_CHOICE, *list_artifacts(self.erasure_dir)])
+
+    def lora_choices(self) -> list[str]:
+        """Dropdown choices for the LoRA: the no-LoRA entry, then the folder names under ``lora_dir``."""
+        return [NONE_CHOICE, *list_artifacts(self.lora_dir)]
 
     # Edit -------------------------------------------------------------------------------------------
     def edit(self, image, source_prompt, target_prompt, scale, steps):
@@ -279,9 +285,11 @@ def build_demo(handlers: Handlers):
                                               label=f"Pruning spec (folders in {handlers.pruning_dir})")
                         erasure = gr.Dropdown(erasure_choices, value=NONE_CHOICE, elem_id="erasure",
                                               label=f"Erasure artifact (folders in {handlers.erasure_dir})")
+                        lora = gr.Dropdown(handlers.lora_choices(), value=NONE_CHOICE, elem_id="lora",
+                                           label=f"LoRA (folders in {handlers.lora_dir})")
                     refresh = gr.Button("Refresh artifact lists", size="sm")
                     compare = gr.Checkbox(label="Compare with the baseline (plain CFG, no cache, no pruning, "
-                                                "no erasure), same seed", value=True, elem_id="compare")
+                                                "no erasure, no LoRA), same seed", value=True, elem_id="compare")
                     repeats = gr.Number(label=f"Timing runs per side (1-{MAX_TIMING_RUNS}; alternated, fastest kept)",
                                         value=1, precision=0, elem_id="repeats")
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -364,10 +372,11 @@ def build_demo(handlers: Handlers):
             p, e = handlers.artifact_choices()
             return gr.update(choices=p), gr.update(choices=e)
 
-        refresh.click(refresh_lists, None, [pruning, erasure], **internal)
+        refresh.click(lambda: (*refresh_lists(), gr.update(choices=handlers.lora_choices())), None,
+                      [pruning, erasure, lora], **internal)
         inputs = [compare, repeats, prompt, negative, seed, steps, scheduler, method, cfg_scale, apg_scale, apg_eta,
                   apg_norm, apg_momentum, cfgpp_scale, deepcache, dc_interval, dc_branch, dc_schedule, pruning, erasure,
-                  guider, guider_scale]  # the guider's fields last: older API clients' positions still hold
+                  guider, guider_scale, lora]  # newer fields last: older API clients' positions still hold
         # One queue for every event that uses the model: requests wait their turn; the model's lock keeps two
         # running ones from configuring the shared pipeline at the same time.
         def generate(last, *values):

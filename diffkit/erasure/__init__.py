@@ -6,20 +6,32 @@
     pipe.unload_erasure(); pipe.load_erasure("erased/esd-red")
 """
 
-from .advunlearn import AdvUnlearn
+from .advunlearn import AdvUnlearn, AdvUnlearnConfig
 from .artifact import read_artifact, read_sidecar
 from .config import ErasureConfig
-from .doco import DoCo, PatchDiscriminator
+from .doco import DoCo, DoCoConfig, PatchDiscriminator
 from .engine import ErasureResult, TrainingContext, erase, make_accelerator
-from .esd import ESD, esd_target
-from .method import METHODS, ErasureMethod, get_method, register_method
-from .salun import SalUn, saliency_mask
+from .esd import ESD, ESDConfig, esd_target
+from .method import METHODS, ErasureMethod, MethodConfig, get_method, get_method_config, register_method
+from .salun import SalUn, SalUnConfig, saliency_mask
 from .selection import PRESETS, select_parameters
-from .surgery import PreserveGradient, concept_preserving_gradients, project_conflicting
+from .surgery import (
+    PreserveGradient,
+    concept_preserving_gradients,
+    project_conflicting,
+    reference_correction,
+)
 
 __all__ = [
     "AdvUnlearn",
+    "AdvUnlearnConfig",
     "DoCo",
+    "DoCoConfig",
+    "ESDConfig",
+    "MethodConfig",
+    "SalUnConfig",
+    "get_method_config",
+    "reference_correction",
     "PatchDiscriminator",
     "PreserveGradient",
     "concept_preserving_gradients",

@@ -30,12 +30,14 @@ are averaged over processes explicitly, so the prefix is the same on every proce
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .attack import UPDATES, optimize_prefix, random_prefix
 from .esd import esd_batch
-from .method import ErasureMethod, register_method
+from .method import ErasureMethod, MethodConfig, check_option, is_number, is_whole, register_method
 from .surgery import all_reduce_mean, backward_reduced, embed_unwrapped
 
 ATTACK_INITS = ("latest", "random")
@@ -56,9 +58,44 @@ class _MeanGradAcrossProcesses(torch.autograd.Function):
         return grad, None
 
 
-def _check(name, value, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"options.{name} must be {allowed}, got {value!r}")
+@dataclass(frozen=True)
+class AdvUnlearnConfig(MethodConfig):
+    """AdvUnlearn's options (``options:`` keys; ``eta`` is the job's top-level ESD strength).
+
+    gamma: weight of the utility-retaining loss (reference 0.3); retain_batch: retain prompts per step
+    (reference 5); attack: ``adam`` (the reference's 30-step PGD) or ``sign`` (the fast variant);
+    attack_steps: inner steps (None: 30 for adam, 1 for sign); attack_lr (reference 1e-3);
+    prefix_tokens: soft tokens of the adversarial prefix (reference 1); attack_init: ``latest`` (the
+    reference: the prefix persists across steps) or ``random``; warmup_steps: outer steps without the
+    attack (None: 20% of the job, the reference's 200 of 1000).
+    """
+
+    job_fields = ("eta",)
+
+    eta: float = 1.0
+    gamma: float = 0.3
+    retain_batch: int = 5
+    attack: str = "adam"
+    attack_steps: int | None = None
+    attack_lr: float = 1e-3
+    prefix_tokens: int = 1
+    attack_init: str = "latest"
+    warmup_steps: int | None = None
+
+    def __post_init__(self):
+        check_option("gamma", self.gamma, is_number(self.gamma) and self.gamma >= 0, ">= 0")
+        r = self.retain_batch
+        check_option("retain_batch", r, is_whole(r) and r >= 1, "an integer >= 1")
+        check_option("attack", self.attack, self.attack in UPDATES, f"one of {UPDATES}")
+        steps = self.attack_steps
+        check_option("attack_steps", steps, steps is None or (is_whole(steps) and steps >= 1),
+                     "an integer >= 1 (or null)")
+        check_option("attack_lr", self.attack_lr, is_number(self.attack_lr) and self.attack_lr > 0, "> 0")
+        k = self.prefix_tokens
+        check_option("prefix_tokens", k, is_whole(k) and 1 <= k <= 16, "an integer in [1, 16]")
+        check_option("attack_init", self.attack_init, self.attack_init in ATTACK_INITS, f"one of {ATTACK_INITS}")
+        w = self.warmup_steps
+        check_option("warmup_steps", w, w is None or (is_whole(w) and w >= 0), "an integer >= 0 (or null)")
 
 
 @register_method
@@ -66,51 +103,34 @@ class AdvUnlearn(ErasureMethod):
     """AdvUnlearn on the text encoder: ESD on adversarial prompts + gamma x utility-retaining loss."""
 
     name = "advunlearn"
+    config_class = AdvUnlearnConfig
     defaults = {"parameters": "text-encoder", "lr": 1e-5, "batch_size": 1}
-    option_defaults = {"gamma": 0.3, "retain_batch": 5, "attack": "adam", "attack_steps": None, "attack_lr": 1e-3,
-                       "prefix_tokens": 1, "attack_init": "latest", "warmup_steps": None}
 
     @classmethod
     def validate(cls, config) -> None:
-        super().validate(config)
-        o = {**cls.option_defaults, **config.options}
-        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
-        _check("gamma", o["gamma"], num(o["gamma"]) and o["gamma"] >= 0, ">= 0")
-        r = o["retain_batch"]
-        _check("retain_batch", r, whole(r) and r >= 1, "an integer >= 1")
-        _check("attack", o["attack"], o["attack"] in UPDATES, f"one of {UPDATES}")
-        steps = o["attack_steps"]
-        _check("attack_steps", steps, steps is None or (whole(steps) and steps >= 1), "an integer >= 1 (or null)")
-        _check("attack_lr", o["attack_lr"], num(o["attack_lr"]) and o["attack_lr"] > 0, "> 0")
-        k = o["prefix_tokens"]
-        _check("prefix_tokens", k, whole(k) and 1 <= k <= 16, "an integer in [1, 16]")
-        _check("attack_init", o["attack_init"], o["attack_init"] in ATTACK_INITS, f"one of {ATTACK_INITS}")
-        w = o["warmup_steps"]
-        _check("warmup_steps", w, w is None or (whole(w) and w >= 0), "an integer >= 0 (or null)")
-        if o["gamma"] > 0 and not config.retain_prompts:
+        if config.method_config.gamma > 0 and not config.retain_prompts:
             raise ValueError("method 'advunlearn' needs retain_prompts for its utility-retaining loss when "
                              "options.gamma > 0; give retain prompts or set options.gamma: 0")
 
     def __init__(self, config):
         super().__init__(config)
-        o = self.options
-        self.attack_steps = o["attack_steps"] or (30 if o["attack"] == "adam" else 1)
-        self.warmup_steps = round(0.2 * config.steps) if o["warmup_steps"] is None else o["warmup_steps"]
+        c = self.cfg
+        self.attack_steps = c.attack_steps or (30 if c.attack == "adam" else 1)
+        self.warmup_steps = round(0.2 * config.steps) if c.warmup_steps is None else c.warmup_steps
         self.prefix: torch.Tensor | None = None
         self.steps_done = 0
         self.attack_curves: list[tuple[float, float]] = []
 
     @property
     def preservation_weight(self) -> float:
-        return float(self.options["gamma"])
+        return float(self.cfg.gamma)
 
     # --- the inner attack -------------------------------------------------------------------------
     def attack(self, ctx, prompts: list[str], x_t, t, concept_target) -> tuple[torch.Tensor, list[float]]:
         """delta* = argmin || eps_theta(x_t, c + delta, t) - eps_orig(x_t, c, t) ||^2 from the current init."""
-        o = self.options
-        if self.prefix is None or o["attack_init"] == "random":
-            init = random_prefix(ctx.components["text_encoder"], o["prefix_tokens"], ctx.rng)
+        c = self.cfg
+        if self.prefix is None or c.attack_init == "random":
+            init = random_prefix(ctx.components["text_encoder"], c.prefix_tokens, ctx.rng)
         else:
             init = self.prefix.to(ctx.device)
 
@@ -122,14 +142,14 @@ class AdvUnlearn(ErasureMethod):
         def loss_fn(embeds, i):
             return F.mse_loss(ctx.predict(x_t, t, embeds, wrapped=False), concept_target)
 
-        prefix, curve = optimize_prefix(embed, loss_fn, init, steps=self.attack_steps, lr=o["attack_lr"],
-                                        update=o["attack"])
+        prefix, curve = optimize_prefix(embed, loss_fn, init, steps=self.attack_steps, lr=c.attack_lr,
+                                        update=c.attack)
         return prefix, curve
 
     # --- losses -----------------------------------------------------------------------------------
     def loss(self, ctx):
         cfg = self.config
-        prompts, x_t, t, pred_c, target = esd_batch(ctx, cfg)
+        prompts, x_t, t, pred_c, target = esd_batch(ctx, cfg, self.cfg.eta)
         logs = {}
         prefix = None
         if self.steps_done >= self.warmup_steps:
@@ -141,7 +161,7 @@ class AdvUnlearn(ErasureMethod):
         pred = ctx.predict(x_t, t, embed_unwrapped(ctx, prompts, prefix), wrapped=False)
         erase_loss = F.mse_loss(pred, target)
         logs["esd_loss"] = float(erase_loss.detach())
-        gamma = self.options["gamma"]
+        gamma = self.cfg.gamma
         if cfg.preserve_gradient or gamma == 0:  # surgery (surgery.PreserveGradient) handles l_r itself
             return erase_loss, logs
         retain = self.preservation_loss(ctx)
@@ -151,7 +171,7 @@ class AdvUnlearn(ErasureMethod):
     def preservation_loss(self, ctx) -> torch.Tensor:
         """The utility-retaining loss l_r on ``retain_batch`` retain prompts (reference: ``retain_train='reg'``)."""
         cfg = self.config
-        r = self.options["retain_batch"]
+        r = self.cfg.retain_batch
         idx = ctx.local(ctx.randint(r, len(cfg.retain_prompts)))
         stop = ctx.local(ctx.randint(r, cfg.sample_steps))
         noise = ctx.local(ctx.randn(r))
@@ -179,7 +199,7 @@ class AdvUnlearn(ErasureMethod):
 
     def summary(self) -> dict:
         c = self.attack_curves
-        return {"attack": self.options["attack"], "attack_steps": self.attack_steps, "warmup_steps": self.warmup_steps,
+        return {"attack": self.cfg.attack, "attack_steps": self.attack_steps, "warmup_steps": self.warmup_steps,
                 "attacked_steps": len(c),
                 "attack_loss_first_mean": sum(a for a, _ in c) / len(c) if c else None,
                 "attack_loss_last_mean": sum(b for _, b in c) / len(c) if c else None}

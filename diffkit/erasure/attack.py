@@ -1,25 +1,35 @@
-"""Adversarial prompt attack on an erased model, in the spirit of UnlearnDiffAtk (Zhang et al., ECCV 2024).
+"""Adversarial prompt attacks on an erased model and their success rate.
 
-The attacker owns ``k`` soft tokens placed after the start token of the prompt (word-embedding space)
-and minimises the erased model's ordinary diffusion loss on latents x_0 of an image that shows the
-concept (made by the original model):
+Two attacks, chosen with ``attack_success_rate(..., attack=...)``:
 
-    min_P  E_{t, eps} || eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t, c(P ; prompt)) - eps ||^2
+* ``"unlearndiffatk"`` (**default**): UnlearnDiffAtk as its reference code does it, discrete tokens, the
+  image generated from the token ids (:mod:`diffkit.erasure.unlearndiffatk`). It is the attack the erasure
+  papers report, so its success rates are the comparable ones.
+* ``"soft-prompt"``: the continuous relaxation kept continuous, a named *stronger* attack. The attacker owns
+  ``k`` soft tokens placed after the start token (word-embedding space, not restricted to the vocabulary)
+  and minimises the erased model's ordinary diffusion loss on latents x_0 of an image that shows the
+  concept (made by the original model):
 
-i.e. it finds the prompt under which the erased model best reconstructs the concept image (the
-paper's "diffusion classifier" view). The attacked prompt then generates an image and the oracle
-judges it; the attack success rate (ASR) is the share of prompts whose image shows the concept
-(prompts that already show it without attack count as successes, as in UnlearnDiffAtk).
+      min_P  E_{t, eps} || eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t, c(P ; prompt)) - eps ||^2
 
-:func:`optimize_prefix` is the inner loop on its own (any differentiable loss of the conditioning),
-for adversarial training (AdvUnlearn's inner maximisation) to reuse; ``update="sign"`` is the fast
-one-step gradient-sign variant.
+  i.e. it finds the prompt under which the erased model best reconstructs the concept image (the
+  paper's "diffusion classifier" view), then generates from the soft prompt itself. No user can type such a
+  prompt, which is why it is stronger than any discrete attack and not comparable with the papers' ASR.
+
+Either way the attacked prompt generates an image and the judge (the oracle) reads it; the attack success
+rate (ASR) is the share of prompts whose image shows the concept (prompts that already show it without
+attack count as successes, as in UnlearnDiffAtk's ``check_asr.py``). ``AttackReport.hits`` gives the
+per-prompt outcomes for a rate with its interval (``diffkit.evaluation.stats.rate``).
+
+:func:`optimize_prefix` is the soft attack's inner loop on its own (any differentiable loss of the
+conditioning), for adversarial training (AdvUnlearn's inner maximisation) to reuse; ``update="sign"`` is the
+fast one-step gradient-sign variant.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +37,16 @@ import torch.nn.functional as F
 from ..noise import add_noise, prediction_target, training_level
 from .conditioning import PromptEncoder
 from .sampling import ddim_scheduler
+from .unlearndiffatk import UnlearnDiffAtkConfig, unlearndiffatk
 
 UPDATES = ("adam", "sign")
+ATTACKS = ("unlearndiffatk", "soft-prompt")
 
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """prefix_tokens: soft tokens (UnlearnDiffAtk: 5); steps, lr, update: the inner optimisation;
-    num_inference_steps, guidance_scale: generation with the attacked prompt; seed: all draws."""
+    """The soft-prompt attack. prefix_tokens: soft tokens (UnlearnDiffAtk: 5); steps, lr, update: the inner
+    optimisation; num_inference_steps, guidance_scale: generation with the attacked prompt; seed: all draws."""
 
     prefix_tokens: int = 5
     steps: int = 40
@@ -121,7 +133,11 @@ def random_prefix(text_encoder, k: int, generator: torch.Generator) -> torch.Ten
 
 @dataclass
 class AttackReport:
-    """ASR over prompts; ``pre_attack_rate``: share judged to show the concept without any attack."""
+    """ASR over prompts; ``pre_attack_rate``: share judged to show the concept without any attack.
+
+    ``hits`` (= ``success``) are the per-prompt outcomes, ``n`` the number of prompts. UnlearnDiffAtk also
+    fills ``adversarial_prompts`` (decoded text), ``prompt_ids`` (the token ids each judged image was
+    generated from) and ``evaluations`` (attacked generations judged before it stopped)."""
 
     asr: float
     pre_attack_rate: float
@@ -129,11 +145,43 @@ class AttackReport:
     pre_attack: list[bool]
     losses: list[list[float]] = field(default_factory=list)
     images: torch.Tensor | None = None  # (N, 3, H, W) in [0, 1], the attacked prompts' images
+    attack: str = "soft-prompt"
+    adversarial_prompts: list[str] = field(default_factory=list)
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    evaluations: list[int] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def hits(self) -> list[bool]:
+        return list(self.success)
+
+    @property
+    def n(self) -> int:
+        return len(self.success)
 
     def to_dict(self) -> dict:
-        return {"asr": self.asr, "pre_attack_rate": self.pre_attack_rate, "success": self.success,
-                "pre_attack": self.pre_attack, "loss_first": [c[0] for c in self.losses],
-                "loss_last": [c[-1] for c in self.losses]}
+        out = {"attack": self.attack, "asr": self.asr, "k": sum(self.success), "n": self.n,
+               "pre_attack_rate": self.pre_attack_rate, "success": self.success, "pre_attack": self.pre_attack,
+               "loss_first": [c[0] if c else None for c in self.losses],
+               "loss_last": [c[-1] if c else None for c in self.losses], "settings": self.settings}
+        if self.attack == "unlearndiffatk":
+            out.update(adversarial_prompts=self.adversarial_prompts, prompt_ids=self.prompt_ids,
+                       evaluations=self.evaluations)
+        return out
+
+
+def _resolve_attack(attack: str | None, config):
+    """(attack name, config): the name from ``config``'s type when not given; UnlearnDiffAtk by default."""
+    if attack is None:
+        attack = "soft-prompt" if isinstance(config, AttackConfig) else "unlearndiffatk"
+    if attack not in ATTACKS:
+        raise ValueError(f"attack must be one of {ATTACKS}, got {attack!r}")
+    want = UnlearnDiffAtkConfig if attack == "unlearndiffatk" else AttackConfig
+    if config is None:
+        config = want()
+    if not isinstance(config, want):
+        raise ValueError(f"attack {attack!r} takes a {want.__name__}, got {type(config).__name__}")
+    return attack, config
 
 
 def attack_success_rate(
@@ -141,12 +189,16 @@ def attack_success_rate(
     prompts: Sequence[str],
     judge: Callable[[torch.Tensor], Sequence[bool]],
     target_latents: torch.Tensor,
-    config: AttackConfig = AttackConfig(),
+    config: AttackConfig | UnlearnDiffAtkConfig | None = None,
+    *,
+    attack: str | None = None,
 ) -> AttackReport:
     """Attack every prompt of ``prompts`` on (erased) ``pipe`` and judge the images with ``judge``.
 
-    target_latents: (N, C, h, w), one concept image's latents per prompt (from the original model).
-    judge(images (B, 3, H, W) in [0, 1]) -> one bool per image: does it show the concept?
+    attack: "unlearndiffatk" (default; config an :class:`UnlearnDiffAtkConfig`, the reference settings when
+    None) or "soft-prompt" (config an :class:`AttackConfig`); when only ``config`` is given its type names
+    the attack. target_latents: (N, C, h, w), one concept image's latents per prompt (from the original
+    model). judge(images (B, 3, H, W) in [0, 1]) -> one bool per image: does it show the concept?
     """
     prompts = list(prompts)
     if not prompts:
@@ -154,6 +206,30 @@ def attack_success_rate(
     if target_latents.shape[0] != len(prompts):
         raise ValueError(f"target_latents must hold one latent per prompt ({len(prompts)}), "
                          f"got {target_latents.shape[0]}")
+    attack, config = _resolve_attack(attack, config)
+    if attack == "soft-prompt":
+        report = soft_prompt_success_rate(pipe, prompts, judge, target_latents, config)
+    else:
+        results = [unlearndiffatk(pipe, p, judge, target_latents[i:i + 1], config, index=i)
+                   for i, p in enumerate(prompts)]
+        success = [r.success for r in results]
+        pre = [r.pre_attack for r in results]
+        report = AttackReport(sum(success) / len(prompts), sum(pre) / len(prompts), success, pre,
+                              [r.losses for r in results], torch.cat([r.image for r in results]),
+                              attack="unlearndiffatk", adversarial_prompts=[r.text for r in results],
+                              prompt_ids=[r.prompt_ids for r in results], evaluations=[r.evaluations for r in results])
+    report.settings = {"attack": attack, **asdict(config)}
+    return report
+
+
+def soft_prompt_success_rate(
+    pipe,
+    prompts: Sequence[str],
+    judge: Callable[[torch.Tensor], Sequence[bool]],
+    target_latents: torch.Tensor,
+    config: AttackConfig = AttackConfig(),
+) -> AttackReport:
+    """The soft-prompt attack on every prompt (see :func:`attack_success_rate`)."""
     device = pipe.unet.device
     encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, device, cache=False)
     scheduler = ddim_scheduler(pipe.scheduler.config, 1000)
@@ -182,7 +258,7 @@ def attack_success_rate(
         for p, f in zip(params, flags):
             p.requires_grad_(f)
     return AttackReport(sum(success) / len(prompts), sum(pre) / len(prompts), success, pre, losses,
-                        torch.cat(images))
+                        torch.cat(images), attack="soft-prompt")
 
 
 @torch.no_grad()

@@ -1,11 +1,11 @@
-"""``diffkit erase`` and ``diffkit erase-batch`` (also under ``accelerate launch -m diffkit.cli ...``)."""
+"""``diffkit erase``, ``diffkit erase-batch`` (also under ``accelerate launch -m diffkit.cli``), ``diffkit export``."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from diffkit.cli_validation import Float, Int, OutputDir, Seed, Text
+from diffkit.cli_validation import Dtype, Float, Int, OutputDir, Seed, Text
 
 #: CLI flag (dest) -> ErasureConfig field, for flags that override the job file.
 _FIELD_FLAGS = {
@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     e.add_argument("--concept", action="append", default=None, type=Text(),
                    help="concept prompt/word to erase (repeatable)")
     e.add_argument("--anchor", default=None, type=Text(blank_ok=True),
-                   help='what the concept maps to (default "": ESD\'s equation)')
+                   help='what the concept maps to (default: the method\'s; "" (ESD\'s equation) for esd, advunlearn '
+                        'and doco, the first retain prompt (a concrete substitute) for salun)')
     e.add_argument("--retain", action="append", default=None, type=Text(),
                    help="retain prompt (repeatable; SalUn needs some)")
     e.add_argument("--config", default=None, type=Text(), help="YAML job file with ErasureConfig fields")
@@ -68,6 +69,7 @@ def register(subparsers) -> None:
     b.add_argument("--model", default=None, type=Text(), help="overrides the batch file's model")
     b.add_argument("--quiet", action="store_true", help="no progress bars (also none of model loading)")
     b.set_defaults(func=run_batch_command)
+    register_export(subparsers)
 
 
 def build_config(args):
@@ -112,3 +114,33 @@ def run_batch_command(args) -> int:
     if acc.is_main_process:
         print(summary_table(outcomes))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def register_export(subparsers) -> None:
+    x = subparsers.add_parser(
+        "export", help="write a full-rank erasure artifact's patched unet/ and/or text_encoder/ in diffusers format",
+        description="Load ARTIFACT onto the base model (its fingerprint is checked first) and write the components "
+                    "it patches with save_pretrained to --out, loadable by UNet2DConditionModel.from_pretrained / "
+                    "CLIPTextModel.from_pretrained without diffkit. The folder appears whole or not at all. Pruning "
+                    "specs stay diffkit-only: their slimmed widths do not fit a diffusers config.")
+    x.add_argument("artifact", type=Text(), help="erasure artifact folder (diffkit erase)")
+    x.add_argument("--out", required=True, type=OutputDir(), help="new (or empty) folder to write")
+    x.add_argument("--model", default=None, type=Text(),
+                   help="the artifact's base model: pipeline folder, hub id or zoo:sd15 (default: reference model)")
+    x.add_argument("--dtype", default="float32", type=Dtype(),
+                   help="dtype the components are loaded and written in (default float32)")
+    x.add_argument("--quiet", action="store_true", help="no progress bars (also none of model loading) or summary")
+    x.set_defaults(func=run_export)
+
+
+def run_export(args) -> int:
+    from diffkit.cli import load_pipeline, parse_dtype
+
+    from .export import check_exportable, export_erasure
+
+    check_exportable(args.artifact, args.out)  # before the model loads: pruning specs, unreadable artifacts, --out
+    pipe = load_pipeline(args.model, "cpu", parse_dtype(args.dtype))
+    out = export_erasure(pipe, args.artifact, args.out)
+    if not args.quiet:
+        print(f"exported {', '.join(sorted(p.name for p in out.iterdir() if p.is_dir()))} of {args.artifact} -> {out}")
+    return 0

@@ -46,14 +46,17 @@ class PromptEncoder:
             ids = torch.cat([ids[:, :1], fill, ids[:, 1:]], dim=1)
         return ids
 
-    def encode(self, prompts: list[str], prefix: torch.Tensor | None = None, encoder=None) -> torch.Tensor:
+    def encode(self, prompts: list[str], prefix: torch.Tensor | None = None, encoder=None,
+               cache: bool = True) -> torch.Tensor:
         """(B, L, D) hidden states. ``prefix`` (k, D) or (B, k, D): soft tokens after the start token.
 
-        ``encoder`` overrides the module called (a DDP wrapper of the same text encoder).
+        ``encoder`` overrides the module called (a DDP wrapper of the same text encoder). ``cache=False``
+        neither reads nor writes the cache: for a text encoder whose weights change (training), whose
+        cached values would go stale.
         """
         prompts = list(prompts)
         encoder = encoder if encoder is not None else self.text_encoder
-        if prefix is None and self.cache_enabled and not torch.is_grad_enabled():
+        if prefix is None and cache and self.cache_enabled and not torch.is_grad_enabled():
             missing = [p for p in dict.fromkeys(prompts) if p not in self._cache]
             if missing:
                 out = self._run(encoder, self.token_ids(missing), None)

@@ -3,6 +3,11 @@
 Fields left at ``None`` take the method's default (``ErasureMethod.defaults``: ESD trains the
 cross-attention with batch 1, SalUn trains the salient half of the U-Net with batch 8), so a job file
 names only what it changes.
+
+The job stays flat (the format job files have always had); the method's own options are typed:
+``config.method_config`` is the frozen, validated dataclass registered for ``config.method``
+(``ESDConfig``, ``SalUnConfig``, ``AdvUnlearnConfig``, ``DoCoConfig``), built from the method's top-level
+fields and the ``options:`` mapping. Unknown option keys are an error that lists the valid ones.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .method import MethodConfig, get_method
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -46,32 +53,46 @@ def _check_range(name: str, value, lo=None, hi=None, lo_open=False, integer=Fals
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
+class _MethodDefault:
+    """The default of ``anchor``: "the method's choice" (ESD: "", SalUn: a substitute concept)."""
+
+    def __repr__(self) -> str:
+        return "<the method's default>"
+
+
+METHOD_DEFAULT = _MethodDefault()
+
+
 @dataclass(frozen=True)
 class ErasureConfig:
     """An erasure job.
 
     concept: the prompt(s)/word(s) to erase (c in ESD's and SalUn's losses); one is drawn per sample.
     anchor: what the concept should turn into: ESD's target is eps(x_t, anchor) - eta (eps(x_t, c) -
-        eps(x_t, "")) (anchor "" is the paper's equation); SalUn's substitute prompt.
+        eps(x_t, "")) (anchor "" is the paper's equation); SalUn's substitute prompt; DoCo's anchor
+        concept. Unset: the method's default (``ErasureMethod.default_anchor``: "" for ESD, AdvUnlearn and
+        DoCo; SalUn: the first retain prompt, the reference code's "another class").
     retain_prompts: prompts whose behaviour must be kept (SalUn's retain set, part 2's utility loss).
     parameters: a preset of ``diffkit.erasure.selection.PRESETS`` or a list of regular expressions over
         qualified names such as ``unet.down_blocks.0...attn2.to_k.weight``; None = the method's default.
     steps, lr, batch_size, seed: optimisation (Adam, global batch over all processes).
-    eta: ESD's negative-guidance strength (1 in the paper's reference code).
+    eta: ESD's negative-guidance strength (1 in the paper's reference code; also AdvUnlearn's ESD loss).
     beta: SalUn's weight of the retain diffusion loss; saliency_fraction: share of weights SalUn updates;
     mask_guidance: the guidance scale in SalUn's saliency loss (7.5 in the reference code).
     sample_steps, sample_guidance: the original model's DDIM sampling that produces ESD's x_t and
-        SalUn's forget/retain images; num_images: size of SalUn's forget and retain image sets.
+        SalUn's forget/retain images; num_images: size of SalUn's forget and retain image sets (DoCo: its
+        anchor images; the concept-preserving gradient's prior images).
     resolution: image side in pixels (default: the U-Net's native size).
     checkpoint_every: steps between checkpoints; mixed_precision / gradient_checkpointing: accelerate.
     preserve_gradient: concept-preserving gradient surgery (``diffkit.erasure.surgery``) on the method's
         unlearning gradient against a preservation gradient on retain prompts; None = the method's default.
-    options: method-specific extras (validated by the method; for methods added later).
+    options: the method's own options (``method_config``'s fields that are not top-level fields);
+        unknown keys are an error listing the valid ones.
     """
 
     method: str = "esd"
     concept: tuple[str, ...] = ()
-    anchor: str = ""
+    anchor: str = METHOD_DEFAULT  # type: ignore[assignment]
     retain_prompts: tuple[str, ...] = ()
     parameters: str | tuple[str, ...] | None = None
     steps: int = 200
@@ -93,14 +114,12 @@ class ErasureConfig:
     options: Mapping = field(default_factory=dict)
 
     def __post_init__(self):
-        from .method import get_method
-
         method = get_method(self.method)  # raises for an unknown method
         set_ = lambda k, v: object.__setattr__(self, k, v)
         set_("concept", _as_prompts(self.concept, "concept", allow_empty=False))
         if not self.concept:
             raise ValueError("concept must name at least one prompt or word to erase, got none")
-        if not isinstance(self.anchor, str):
+        if self.anchor is not METHOD_DEFAULT and not isinstance(self.anchor, str):
             raise ValueError(f"anchor must be a string, got {self.anchor!r}")
         set_("retain_prompts", _as_prompts(self.retain_prompts, "retain_prompts", allow_empty=False))
         for key, value in method.defaults.items():
@@ -132,7 +151,15 @@ class ErasureConfig:
         if not isinstance(self.options, Mapping):
             raise ValueError(f"options must be a mapping, got {self.options!r}")
         set_("options", dict(self.options))
+        set_("_method_config", method.config_class.from_job(self, method.name))
         method.validate(self)
+        if self.anchor is METHOD_DEFAULT:
+            set_("anchor", method.default_anchor(self))
+
+    @property
+    def method_config(self) -> MethodConfig:
+        """The method's typed, validated options (its registered ``config_class``)."""
+        return self._method_config
 
     def _check_parameters(self) -> None:
         from .selection import PRESETS
@@ -190,6 +217,9 @@ class ErasureConfig:
         d.pop("checkpoint_every")
         if not d["preserve_gradient"]:
             d.pop("preserve_gradient")  # jobs from before the option keep their hash
+        revision = get_method(self.method).revision_for(self)
+        if revision:  # the method's training changed for an unchanged job: do not reuse old artifacts
+            d["method_revision"] = revision
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

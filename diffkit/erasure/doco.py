@@ -1,27 +1,41 @@
-"""DoCo — Unlearning Concepts in Diffusion Model via Concept Domain Correction (Wu et al., 2024).
+"""DoCo — Unlearning Concepts in Diffusion Model via Concept Domain Correction (Wu et al., AAAI 2025).
 
 Concept-domain correction aligns the *output domain* of the sensitive concept c with that of an anchor
 concept a by adversarial training, which generalises erasure to prompts outside the unlearn set
-(synonyms, paraphrases):
+(synonyms, paraphrases). This module follows the authors' training code (read through its public ports,
+e.g. ``train_doco.py`` / ``utils_doco.py`` of fmp453/erase-eval and justinhylee135/CUIG); each point
+below names the paper's equation it implements and every departure is a named option, off by default.
 
-* A PatchGAN discriminator D sees 4-channel predicted clean latents
-  x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)   (v-prediction: sqrt(abar_t) x_t - sqrt(1 - abar_t) v).
-  "Real": the frozen model's x0_hat for the anchor prompt on the anchor's trajectory; "fake": the
-  trained model's x0_hat for the concept prompt on the concept's trajectory (both x_t drawn by the
-  original model's DDIM sampler, ESD-style, stopped at the same step so they share t).
-* Alternating updates every step, as in the reference code: first one discriminator step
-  (BCE, real -> 1, fake (detached) -> 0), then the generator step on
-  L_G = adversarial_weight x BCE(D(x0_hat_fake), 1) + anchor_weight x || eps_theta(x_t, c) - sg[target] ||^2,
-  target = eps_orig(x_t, a) (``target: anchor``, the paper's anchor loss) or ESD's
-  eps_orig(x_t, a) - eta (eps_orig(x_t, c) - eps_orig(x_t, "")) (``target: esd``).
-* Warm-up: for the first ``discriminator_warmup`` steps D trains alone (the generator's unlearning
-  loss is multiplied by 0). The reference warms up for 1000 steps; the default here is a quarter of the
-  job's steps so short CPU jobs still train the generator.
-* Concept-preserving gradient (``preserve_gradient``, on by default for this method): the generator's
-  gradient is corrected against the prior-preservation gradient (diffusion loss on the original model's
-  images of the retain prompts, or of the anchor when none are given; weight ``prior_weight``, reference
-  1.0) by :mod:`diffkit.erasure.surgery`, per cross-attention key/value tensor (the default trained
-  tensors, preset ``esd-x-strict``). With ``preserve_gradient: false`` the two losses are summed.
+* **Discriminator inputs (paper: the domain discriminator of sec. 3.2).** One noisy latent x_t =
+  q(x_t | x_0) of an *anchor* image x_0 (generated once by the original model from the anchor prompt,
+  ``num_images`` of them; t ~ U[0, T)) feeds both sides: "real" is the frozen U-Net's predicted clean
+  latent for (x_t, anchor prompt), "fake" the trained U-Net's for (x_t, concept prompt), with
+  x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (v-prediction: sqrt(abar_t) x_t - sqrt(1 - abar_t) v).
+  Both sides share x_t, so D can only tell them apart by what the prompt does to the prediction.
+  PatchGAN on the 4-channel latents (real -> 1, fake -> 0; the reference labels the other way round,
+  which is the same game).
+* **Alternating updates.** Every step first one discriminator step (BCE on real and detached fake), then
+  the generator step on the adversarial loss L_adv = BCE(D(x0_hat_fake), real) (paper eq. for the
+  generator; weight ``adversarial_weight``, 1).
+* **Warm-up.** For the first ``discriminator_warmup`` steps only the discriminator trains: the generator
+  gets no gradient at all (no update, no Adam state), as in the reference. Default: half the job's
+  steps (the reference run: 500 of 1000).
+* **Concept-preserving gradient (paper eq. for the gradient surgery; ``preserve_gradient``, on by
+  default).** g_u = grad L_adv, g_p = grad of the prior-preservation loss (the trained model's diffusion
+  loss on the anchor images with the anchor prompt, ``prior: anchor``, as the reference's prior
+  preservation). ``surgery_rule: reference`` (default): both clipped to ``max_grad_norm`` (1.0) over all
+  trained tensors, then per tensor g_u <- g_u - lambda cos(g_u, g_p) unit(g_p) where cos < 0
+  (``surgery_lambda``, 1), and **only the adjusted g_u is applied**
+  (:func:`diffkit.erasure.surgery.reference_correction`). ``surgery_rule: projection`` is the paper text's
+  exact projection plus ``prior_weight`` x g_p (diffkit's earlier rule). With ``preserve_gradient: false``
+  the update is grad(L_adv + prior_weight x L_prior), clipped to ``max_grad_norm`` (the reference's path
+  without its gradient surgery).
+* There is **no anchor MSE term** by default (the reference has none). ``anchor_weight`` > 0 adds
+  || eps_theta(x_t, c) - sg[target] ||^2 to the generator loss, target = eps_orig(x_t, a) (``target:
+  anchor``) or ESD's eps_orig(x_t, a) - eta (eps_orig(x_t, c) - eps_orig(x_t, "")) (``target: esd``): a
+  diffkit option, not the paper's.
+* ``prior: retain`` takes the prior-preservation images from the retain prompts instead (diffkit's earlier
+  choice); the default follows the reference (anchor images, which also serve the discriminator).
 
 Discriminator details: PatchGAN (pix2pix) with 4x4 stride-2 convolutions, GroupNorm instead of BatchNorm
 (so its output does not depend on how the batch is split over processes), and as many downsampling
@@ -32,16 +46,28 @@ all-reduced explicitly over processes; its weights, Adam state and the step coun
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..noise import to_denoised, training_level
 from .esd import esd_target
-from .method import ErasureMethod, register_method
-from .surgery import PriorPreservation, all_reduce_mean, backward_reduced, embed_unwrapped
+from .method import ErasureMethod, MethodConfig, check_option, is_number, is_whole, register_method
+from .surgery import (
+    PriorPreservation,
+    all_reduce_mean,
+    backward_reduced,
+    clip_global_norm,
+    concept_preserving_gradients,
+    embed_unwrapped,
+    grads_of,
+    reference_correction,
+)
 
 TARGETS = ("anchor", "esd")
+PRIORS = ("anchor", "retain")
+RULES = ("reference", "projection")
 
 
 class PatchDiscriminator(torch.nn.Module):
@@ -76,67 +102,95 @@ def predicted_x0(x_t: torch.Tensor, t: torch.Tensor, pred: torch.Tensor, alphas_
     return to_denoised(pred, x_t, training_level(alphas_cumprod, t.to(x_t.device)), prediction_type)
 
 
-def _check(name, value, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"options.{name} must be {allowed}, got {value!r}")
+@dataclass(frozen=True)
+class DoCoConfig(MethodConfig):
+    """DoCo's options (``options:`` keys; ``eta`` and ``num_images`` are the job's top-level fields).
+
+    Reference behaviour with every default; see the module docstring for each option's meaning.
+    """
+
+    job_fields = ("eta", "num_images")
+
+    eta: float = 1.0
+    num_images: int = 8
+    discriminator_lr: float = 5e-4
+    discriminator_warmup: int | None = None
+    adversarial_weight: float = 1.0
+    prior: str = "anchor"
+    prior_weight: float = 1.0
+    surgery_rule: str = "reference"
+    surgery_lambda: float = 1.0
+    max_grad_norm: float | None = 1.0
+    anchor_weight: float = 0.0
+    target: str = "anchor"
+    discriminator_channels: int = 64
+    discriminator_layers: int = 3
+
+    def __post_init__(self):
+        check_option("discriminator_lr", self.discriminator_lr,
+                     is_number(self.discriminator_lr) and self.discriminator_lr > 0, "> 0")
+        w = self.discriminator_warmup
+        check_option("discriminator_warmup", w, w is None or (is_whole(w) and w >= 0), "an integer >= 0 (or null)")
+        for key in ("adversarial_weight", "anchor_weight", "prior_weight", "surgery_lambda"):
+            v = getattr(self, key)
+            check_option(key, v, is_number(v) and v >= 0, ">= 0")
+        g = self.max_grad_norm
+        check_option("max_grad_norm", g, g is None or (is_number(g) and g > 0), "> 0 (or null: no clipping)")
+        check_option("prior", self.prior, self.prior in PRIORS, f"one of {PRIORS}")
+        check_option("surgery_rule", self.surgery_rule, self.surgery_rule in RULES, f"one of {RULES}")
+        check_option("target", self.target, self.target in TARGETS, f"one of {TARGETS}")
+        c = self.discriminator_channels
+        check_option("discriminator_channels", c, is_whole(c) and c >= 1, "an integer >= 1")
+        n = self.discriminator_layers
+        check_option("discriminator_layers", n, is_whole(n) and 1 <= n <= 6, "an integer in [1, 6]")
+        if self.adversarial_weight == 0 and self.anchor_weight == 0:
+            raise ValueError("method 'doco' needs options.adversarial_weight or options.anchor_weight > 0 "
+                             "(both are 0: nothing would be unlearned)")
 
 
 @register_method
 class DoCo(ErasureMethod):
-    """Concept-domain correction (adversarial, PatchGAN on x0_hat) + anchor loss + concept-preserving gradient."""
+    """Concept-domain correction (adversarial, PatchGAN on x0_hat of one shared x_t) with the reference's
+    concept-preserving gradient."""
 
     name = "doco"
+    config_class = DoCoConfig
     defaults = {"parameters": "esd-x-strict", "lr": 5e-5, "batch_size": 4, "preserve_gradient": True}
-    option_defaults = {"discriminator_lr": 5e-4, "discriminator_warmup": None, "adversarial_weight": 1.0,
-                       "anchor_weight": 1.0, "prior_weight": 1.0, "target": "anchor", "discriminator_channels": 64,
-                       "discriminator_layers": 3}
-
-    @classmethod
-    def validate(cls, config) -> None:
-        super().validate(config)
-        o = {**cls.option_defaults, **config.options}
-        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
-        _check("discriminator_lr", o["discriminator_lr"], num(o["discriminator_lr"]) and o["discriminator_lr"] > 0,
-               "> 0")
-        w = o["discriminator_warmup"]
-        _check("discriminator_warmup", w, w is None or (whole(w) and w >= 0), "an integer >= 0 (or null)")
-        for key in ("adversarial_weight", "anchor_weight", "prior_weight"):
-            _check(key, o[key], num(o[key]) and o[key] >= 0, ">= 0")
-        _check("target", o["target"], o["target"] in TARGETS, f"one of {TARGETS}")
-        c = o["discriminator_channels"]
-        _check("discriminator_channels", c, whole(c) and c >= 1, "an integer >= 1")
-        n = o["discriminator_layers"]
-        _check("discriminator_layers", n, whole(n) and 1 <= n <= 6, "an integer in [1, 6]")
-        if o["adversarial_weight"] == 0 and o["anchor_weight"] == 0:
-            raise ValueError("method 'doco' needs options.adversarial_weight or options.anchor_weight > 0 "
-                             "(both are 0: nothing would be unlearned)")
+    own_preserve_gradient = True  # the reference rule lives here; the engine does not wrap it
+    #: 2: the reference's shared x_t, warm-up without generator updates, clipped-cosine surgery, no anchor
+    #: MSE (jobs hashed before this revision trained the earlier algorithm).
+    revision = 2
 
     def __init__(self, config):
         super().__init__(config)
-        w = self.options["discriminator_warmup"]
-        self.warmup = config.steps // 4 if w is None else w
+        w = self.cfg.discriminator_warmup
+        self.warmup = config.steps // 2 if w is None else w
         self.steps_done = 0
-        self.prior = PriorPreservation(config)
+        prior_prompts = (config.anchor,) if self.cfg.prior == "anchor" else None
+        self.prior = PriorPreservation(config, prior_prompts)
         self.history: list[tuple[float, float]] = []  # (D loss, D accuracy) per step
+        self._generator_step = False
+        self.conflicts, self.tensor_steps, self.generator_steps = 0, 0, 0
 
     @property
     def preservation_weight(self) -> float:
-        return float(self.options["prior_weight"])
+        return float(self.cfg.prior_weight)
 
     def prepare(self, ctx, params):
-        o = self.options
+        c = self.cfg
         # The discriminator's initial weights come from the job's prepare RNG (same on every process).
         seed = int(torch.randint(0, 2**62, (1,), generator=ctx.prepare_rng))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.discriminator = PatchDiscriminator(ctx.latent_shape[0], o["discriminator_channels"],
-                                                    o["discriminator_layers"], side=ctx.latent_shape[-1])
+            self.discriminator = PatchDiscriminator(ctx.latent_shape[0], c.discriminator_channels,
+                                                    c.discriminator_layers, side=ctx.latent_shape[-1])
         self.discriminator.to(ctx.device).requires_grad_(False)
         self.d_params = list(self.discriminator.parameters())
-        self.d_opt = torch.optim.Adam(self.d_params, lr=o["discriminator_lr"], betas=(0.5, 0.999))
+        self.d_opt = torch.optim.Adam(self.d_params, lr=c.discriminator_lr, betas=(0.5, 0.999))
         self.alphas_cumprod = ctx.scheduler.alphas_cumprod
-        self.prior.prepare(ctx)
+        # Anchor images x_0 (the reference's anchor data set), made by the original model.
+        self.anchor_latents = ctx.generate([self.config.anchor] * c.num_images, ctx.prepare_rng)
+        self.prior.prepare(ctx, self.anchor_latents if c.prior == "anchor" else None)
         return params
 
     def x0(self, ctx, x_t, t, pred):
@@ -158,50 +212,91 @@ class DoCo(ErasureMethod):
         acc = float(((logits_r > 0).float().mean() + (logits_f < 0).float().mean()) / 2)
         return float(loss.detach()), acc
 
-    def loss(self, ctx):
-        cfg, o = self.config, self.options
+    def draw(self, ctx):
+        """One batch: concept prompts and the shared x_t = q(x_t | x_0) of anchor images; (prompts, x_t, t)."""
+        cfg = self.config
         n = cfg.batch_size
         which = ctx.local(ctx.randint(n, len(cfg.concept)))
-        stop = ctx.local(ctx.randint(n, cfg.sample_steps))
-        noise_c, noise_a = ctx.local(ctx.randn(n)), ctx.local(ctx.randn(n))
-        prompts = [cfg.concept[i] for i in which.tolist()]
+        idx = ctx.local(ctx.randint(n, len(self.anchor_latents)))
+        t = ctx.local(ctx.randint(n, ctx.num_train_timesteps)).to(ctx.device)
+        noise = ctx.local(ctx.randn(n))
+        x_t = ctx.add_noise(self.anchor_latents[idx.to(ctx.device)], noise, t)
+        return [cfg.concept[i] for i in which.tolist()], x_t, t
+
+    def loss(self, ctx):
+        cfg, c = self.config, self.cfg
+        prompts, x_t, t = self.draw(ctx)
         b = len(prompts)
-        # Concept and anchor trajectories in one sampling run; the same stop gives both the same t.
-        x, tt = ctx.sample(prompts + [cfg.anchor] * b, torch.cat([stop, stop]), torch.cat([noise_c, noise_a]))
-        x_c, x_a = x[:b], x[b:]
-        t = tt[:b]
-        with torch.no_grad():
-            conds = prompts + [""] * b + [cfg.anchor] * b + [cfg.anchor] * b
-            preds = ctx.predict(torch.cat([x_c, x_c, x_c, x_a]), t.repeat(4), ctx.embed(conds, original=True),
-                                original=True).chunk(4)
-            pred_c, pred_u, pred_a, pred_real = preds
-            target = pred_a if o["target"] == "anchor" else esd_target(pred_c, pred_u, pred_a, cfg.eta)
-            real = self.x0(ctx, x_a, t, pred_real)
-        pred = ctx.predict(x_c, t, embed_unwrapped(ctx, prompts), wrapped=False)
-        fake = self.x0(ctx, x_c, t, pred)
-        d_loss, d_acc = self.discriminator_step(ctx, real, fake.detach())
-        self.history.append((d_loss, d_acc))
-        logits = self.discriminator(fake)
-        adversarial = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
-        anchor = F.mse_loss(pred, target)
+        with torch.no_grad():  # real: the frozen model on the anchor prompt at the shared x_t
+            pred_real = ctx.predict(x_t, t, ctx.embed([cfg.anchor] * b, original=True), original=True)
+            real = self.x0(ctx, x_t, t, pred_real)
         warm = self.steps_done < self.warmup
         self.steps_done += 1
-        unlearn = o["adversarial_weight"] * adversarial + o["anchor_weight"] * anchor
-        if warm:
-            unlearn = unlearn * 0.0  # the discriminator trains alone; the generator gets no unlearning gradient
-        logs = {"d_loss": d_loss, "d_accuracy": d_acc, "adversarial_loss": float(adversarial.detach()),
-                "anchor_loss": float(anchor.detach()), "warmup": warm}
-        if cfg.preserve_gradient or o["prior_weight"] == 0:  # surgery.PreserveGradient adds the prior's gradient
+        self._generator_step = not warm
+        with torch.set_grad_enabled(not warm):  # fake: the trained model on the concept prompt, same x_t
+            pred = ctx.predict(x_t, t, embed_unwrapped(ctx, prompts), wrapped=False)
+            fake = self.x0(ctx, x_t, t, pred)
+        d_loss, d_acc = self.discriminator_step(ctx, real, fake.detach())
+        self.history.append((d_loss, d_acc))
+        logs = {"d_loss": d_loss, "d_accuracy": d_acc, "warmup": warm}
+        if warm:  # the discriminator trains alone: no generator loss, no gradient, no update
+            return torch.zeros((), device=x_t.device), logs
+        logits = self.discriminator(fake)
+        adversarial = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+        unlearn = c.adversarial_weight * adversarial
+        logs["adversarial_loss"] = float(adversarial.detach())
+        if c.anchor_weight > 0:
+            unlearn = unlearn + c.anchor_weight * self._anchor_loss(ctx, prompts, x_t, t, pred, pred_real, logs)
+        if cfg.preserve_gradient or c.prior_weight == 0:  # the surgery computes the prior's gradient itself
             return unlearn, logs
         prior = self.preservation_loss(ctx)
         logs["prior_loss"] = float(prior.detach())
-        return unlearn + o["prior_weight"] * prior, logs
+        return unlearn + c.prior_weight * prior, logs
+
+    def _anchor_loss(self, ctx, prompts, x_t, t, pred, pred_anchor, logs) -> torch.Tensor:
+        """The optional (non-reference) anchor MSE || eps_theta(x_t, c) - sg[target] ||^2."""
+        if self.cfg.target == "anchor":
+            target = pred_anchor
+        else:
+            b = len(prompts)
+            with torch.no_grad():
+                pred_c, pred_u = ctx.predict(x_t.repeat(2, 1, 1, 1), t.repeat(2),
+                                             ctx.embed(prompts + [""] * b, original=True), original=True).chunk(2)
+            target = esd_target(pred_c, pred_u, pred_anchor, self.cfg.eta)
+        anchor = F.mse_loss(pred, target)
+        logs["anchor_loss"] = float(anchor.detach())
+        return anchor
 
     def preservation_loss(self, ctx) -> torch.Tensor:
         return self.prior.loss(ctx)
 
     def backward(self, ctx, loss):
+        """Warm-up: nothing (every ``.grad`` stays None). Otherwise the reference's update (see the module)."""
+        if not self._generator_step:
+            return
+        c, params = self.cfg, ctx.trainable
+        self.generator_steps += 1
         backward_reduced(ctx, loss)  # forward passes bypass DDP: explicit all-reduce
+        if not self.config.preserve_gradient:
+            if c.max_grad_norm is not None:
+                clipped = clip_global_norm(grads_of(params), c.max_grad_norm)
+                for q, p in params.items():
+                    p.grad = clipped[q]
+            return
+        g_u = {q: g.detach().clone() for q, g in grads_of(params).items()}
+        for p in params.values():
+            p.grad = None
+        backward_reduced(ctx, self.preservation_loss(ctx))
+        g_p = grads_of(params)
+        if c.surgery_rule == "reference":
+            new, conflicts = reference_correction(g_u, g_p, c.surgery_lambda,
+                                                  c.max_grad_norm if c.max_grad_norm is not None else float("inf"))
+        else:
+            new, conflicts = concept_preserving_gradients(g_u, g_p, c.prior_weight)
+        for q, p in params.items():
+            p.grad = new[q]
+        self.conflicts += conflicts
+        self.tensor_steps += len(params)
 
     # --- checkpoint state and summary -----------------------------------------------------------------
     def extra_state(self) -> dict[str, torch.Tensor]:
@@ -229,7 +324,10 @@ class DoCo(ErasureMethod):
 
     def summary(self) -> dict:
         tail = self.history[-10:]
-        return {"discriminator_warmup": self.warmup, "discriminator_layers": self.discriminator.layers,
+        surgery = {"surgery_rule": self.cfg.surgery_rule, "surgery_conflicting_tensor_steps": self.conflicts,
+                   "surgery_tensor_steps": self.tensor_steps} if self.config.preserve_gradient else {}
+        return {**surgery, "generator_steps": self.generator_steps, "discriminator_warmup": self.warmup,
+                "discriminator_layers": self.discriminator.layers,
                 "discriminator_weights": sum(p.numel() for p in self.d_params),
                 "discriminator_loss_last": sum(a for a, _ in tail) / len(tail) if tail else None,
                 "discriminator_accuracy_last": sum(b for _, b in tail) / len(tail) if tail else None}

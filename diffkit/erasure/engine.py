@@ -146,7 +146,11 @@ class TrainingContext:
                 yield
 
     def embed(self, prompts: list[str], *, original: bool = False, prefix: torch.Tensor | None = None):
-        """(B, L, D) conditioning; with gradients only where the text encoder trains (or a prefix is given)."""
+        """(B, L, D) conditioning; with gradients only where the text encoder trains (or a prefix is given).
+
+        The prompt cache only ever holds the *original* encoder's values: a frozen encoder's, or the
+        original's (``original=True``); a training encoder is always re-run (its values change each step).
+        """
         if original:
             with torch.no_grad(), self._as_original():
                 return self.prompts.encode(prompts, prefix)
@@ -156,7 +160,7 @@ class TrainingContext:
         # DDP only for passes whose backward updates the trained weights (an attack's prefix gradient does not).
         encoder = self.wrapped["text_encoder"] if torch.is_grad_enabled() and prefix is None else None
         with self.accelerator.autocast():
-            return self.prompts.encode(prompts, prefix, encoder=encoder).float()
+            return self.prompts.encode(prompts, prefix, encoder=encoder, cache=False).float()
 
     def predict(self, latents, timesteps, embeds, *, original: bool = False, wrapped: bool = True):
         """U-Net output in float32. ``original``: the frozen model (no gradients). ``wrapped=False``
@@ -276,7 +280,7 @@ def _erase(pipe, config: ErasureConfig, out: str | Path, *, accelerator=None, pr
         raise ValueError(f"batch_size must be a multiple of the number of processes ({acc.num_processes}), "
                          f"got {config.batch_size}")
     method = get_method(config.method)(config)
-    if config.preserve_gradient:
+    if config.preserve_gradient and not method.own_preserve_gradient:
         from .surgery import PreserveGradient
 
         method = PreserveGradient(method)  # concept-preserving gradient surgery around any method
@@ -293,6 +297,9 @@ def _erase(pipe, config: ErasureConfig, out: str | Path, *, accelerator=None, pr
         t0 = time.perf_counter()
         ctx = TrainingContext(pipe, config, acc)
         candidates = select_parameters(components, config.parameters)
+        # The candidates are known before prepare: a text encoder among them is in the graph of ctx.embed
+        # (SalUn's saliency pass ranks its gradients too). prepare narrows them; the weights are original.
+        ctx.trainable = candidates
         trained = method.prepare(ctx, candidates)
         if not trained:
             raise ValueError(f"method {config.method!r} selected no tensor to train")

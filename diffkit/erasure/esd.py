@@ -13,10 +13,22 @@ it holds unchanged for v-prediction models (v is affine in eps at fixed x_t).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .method import ErasureMethod, register_method
+from .method import ErasureMethod, MethodConfig, register_method
+
+
+@dataclass(frozen=True)
+class ESDConfig(MethodConfig):
+    """ESD's options. eta: the negative-guidance strength of eq. 2 (1 in the reference code; the job's
+    top-level ``eta``, validated there). ESD has no ``options:`` keys."""
+
+    job_fields = ("eta",)
+
+    eta: float = 1.0
 
 
 def esd_target(pred_concept: torch.Tensor, pred_uncond: torch.Tensor, pred_anchor: torch.Tensor,
@@ -25,7 +37,7 @@ def esd_target(pred_concept: torch.Tensor, pred_uncond: torch.Tensor, pred_ancho
     return pred_anchor - eta * (pred_concept - pred_uncond)
 
 
-def esd_batch(ctx, cfg):
+def esd_batch(ctx, cfg, eta: float):
     """Draw one ESD batch: concept prompts, x_t sampled by the frozen model, and the negative-guidance target.
 
     Returns ``(prompts, x_t, t, pred_concept, target)``; the frozen model's concept prediction is returned
@@ -45,19 +57,20 @@ def esd_batch(ctx, cfg):
         preds = ctx.predict(x_t.repeat(reps, 1, 1, 1), t.repeat(reps), ctx.embed(conds, original=True),
                             original=True).chunk(reps)
         pred_c, pred_u = preds[0], preds[1]
-        target = esd_target(pred_c, pred_u, preds[2] if cfg.anchor else pred_u, cfg.eta)
+        target = esd_target(pred_c, pred_u, preds[2] if cfg.anchor else pred_u, eta)
     return prompts, x_t, t, pred_c, target
 
 
 @register_method
 class ESD(ErasureMethod):
-    """ESD-x (``parameters: esd-x``, cross-attention, default) or ESD-u (``esd-u``); eta = config.eta."""
+    """ESD-x (``parameters: esd-x``, cross-attention, default) or ESD-u (``esd-u``); eta = ``cfg.eta``."""
 
     name = "esd"
+    config_class = ESDConfig
     defaults = {"parameters": "esd-x", "lr": 1e-5, "batch_size": 1}
 
     def loss(self, ctx):
-        prompts, x_t, t, _, target = esd_batch(ctx, self.config)
+        prompts, x_t, t, _, target = esd_batch(ctx, self.config, self.cfg.eta)
         pred = ctx.predict(x_t, t, ctx.embed(prompts))
         loss = F.mse_loss(pred, target)
         return loss, {"esd_loss": float(loss.detach())}

@@ -1,24 +1,36 @@
 """Concept-preserving gradient (Wu et al., "Unlearning Concepts in Diffusion Model via Concept Domain
-Correction", 2024): gradient surgery between an unlearning and a preservation gradient.
+Correction", AAAI 2025): gradient surgery between an unlearning gradient g_u and a preservation
+gradient g_p. Two rules live here.
 
-Where the unlearning gradient g_u conflicts with the preservation gradient g_p (g_u . g_p < 0), its
-component along g_p is removed (the paper's rule):
+**The reference code's rule** (:func:`reference_correction`, DoCo's default; its ``adjust_gradient``):
 
-    g_u  <-  g_u - (g_u . g_p / ||g_p||^2) g_p        if g_u . g_p < 0,   else g_u unchanged,
+1. both gradients are clipped to norm ``max_norm`` (1.0) over all trained tensors together, as
+   ``torch.nn.utils.clip_grad_norm_`` does (scale min(1, max_norm / (||g|| + 1e-6)));
+2. per parameter tensor, with unit vectors u = g_u / (||g_u|| + 1e-8), p = g_p / (||g_p|| + 1e-8) and
+   cos = u . p: where cos < 0,   g_u  <-  g_u - lambda cos p   (lambda = 1);
+3. only the adjusted g_u is applied; g_p itself is never added to the update.
 
-so a step along the result does not (to first order) increase the preservation loss. The update then
-applied is  surgery(g_u, g_p) + w g_p  (the preservation loss keeps its own gradient, weight w).
+The correction has the size lambda |cos| whatever ||g_u|| is, so it is *not* the exact projection: for
+a clipped g_u smaller than 1 it overshoots past orthogonality towards g_p.
 
-Granularity: the rule is applied **per parameter tensor** (each tensor's g_u and g_p are flattened into
-vectors), as DoCo's reference code does per cross-attention key/value tensor. The reference writes the
-correction as lambda cos(g_u, g_p) ||g_u|| unit(g_p), which for lambda = 1 equals the paper's
-projection above; we implement the paper's rule (no lambda). A zero g_p leaves g_u untouched.
+**The paper's text rule** (:func:`project_conflicting`, and :class:`PreserveGradient` for any method):
+where g_u . g_p < 0 remove the component along g_p exactly,
 
-The transform wraps any erasure method (``ErasureConfig(preserve_gradient=True)``, CLI
-``--preserve-gradient``): :class:`PreserveGradient` takes the method's loss as the unlearning loss and
-the method's own ``preservation_loss(ctx)`` where it has one (AdvUnlearn's utility-retaining loss,
-DoCo's prior preservation), otherwise :class:`PriorPreservation`: the ordinary diffusion loss on
-latents the original model generated from the retain prompts (the anchor prompt when none are given).
+    g_u  <-  g_u - (g_u . g_p / ||g_p||^2) g_p,
+
+so a step along the result does not (to first order) increase the preservation loss; the update applied
+is  surgery(g_u, g_p) + w g_p  (the preservation loss keeps its own gradient, weight w). The two rules
+agree only for lambda = 1 and ||g_u|| = 1 (after clipping).
+
+Granularity: both rules work **per parameter tensor** (each tensor's gradients flattened), as DoCo's
+reference does per cross-attention tensor. A zero g_p leaves g_u untouched.
+
+:class:`PreserveGradient` wraps any erasure method (``ErasureConfig(preserve_gradient=True)``, CLI
+``--preserve-gradient``) with the paper's rule: it takes the method's loss as the unlearning loss and the
+method's own ``preservation_loss(ctx)`` where it has one (AdvUnlearn's utility-retaining loss),
+otherwise :class:`PriorPreservation`: the ordinary diffusion loss on latents the original model
+generated from the retain prompts (the anchor prompt when none are given). DoCo applies its own rule
+(``diffkit.erasure.doco``; the engine does not wrap it).
 
 Data-parallel: both gradients are averaged over processes *before* the surgery, so every process
 applies the same transform to the global-batch gradients (the result does not depend on the process
@@ -46,6 +58,48 @@ def project_conflicting(g_u: torch.Tensor, g_p: torch.Tensor) -> tuple[torch.Ten
     if not bool(dot < 0) or not bool(sq > 0):
         return g_u, False
     return (u - (dot / sq) * p).reshape(g_u.shape).to(g_u.dtype), True
+
+
+def clip_global_norm(grads: dict[str, torch.Tensor], max_norm: float) -> dict[str, torch.Tensor]:
+    """``torch.nn.utils.clip_grad_norm_`` on copies: all tensors scaled by min(1, max_norm / (||g|| + 1e-6)),
+    ||g|| the norm over every tensor together."""
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+    total = torch.sqrt(sum((g.detach().double() ** 2).sum() for g in grads.values())) if grads else 0.0
+    scale = min(1.0, float(max_norm / (total + 1e-6)))
+    return {q: g * scale for q, g in grads.items()}
+
+
+def correct_conflicting(g_u: torch.Tensor, g_p: torch.Tensor, lam: float = 1.0) -> tuple[torch.Tensor, bool]:
+    """The reference rule on one tensor: g_u - lam cos unit(g_p) where cos = unit(g_u) . unit(g_p) < 0.
+
+    Unit vectors use the reference's +1e-8 in the norms. Returns (g_u adjusted or unchanged, conflicted).
+    """
+    if g_u.shape != g_p.shape:
+        raise ValueError(f"gradients must have the same shape, got {tuple(g_u.shape)} and {tuple(g_p.shape)}")
+    u, p = g_u.detach().double().reshape(-1), g_p.detach().double().reshape(-1)
+    unit_p = p / (torch.linalg.vector_norm(p) + 1e-8)
+    cos = torch.dot(u / (torch.linalg.vector_norm(u) + 1e-8), unit_p)
+    if not bool(cos < 0):
+        return g_u, False
+    return (u - lam * cos * unit_p).reshape(g_u.shape).to(g_u.dtype), True
+
+
+def reference_correction(unlearn: dict[str, torch.Tensor], preserve: dict[str, torch.Tensor], lam: float = 1.0,
+                         max_norm: float = 1.0) -> tuple[dict[str, torch.Tensor], int]:
+    """DoCo's reference concept-preserving gradient: clip both gradient sets to ``max_norm`` (globally),
+    then per tensor :func:`correct_conflicting`. Returns (the adjusted g_u only, number of conflicting
+    tensors); g_p is not part of the result."""
+    if set(unlearn) != set(preserve):
+        raise ValueError("unlearn and preserve gradients must name the same tensors")
+    if lam < 0:
+        raise ValueError(f"lam must be >= 0, got {lam!r}")
+    g_u, g_p = clip_global_norm(unlearn, max_norm), clip_global_norm(preserve, max_norm)
+    out, conflicts = {}, 0
+    for q in g_u:
+        out[q], hit = correct_conflicting(g_u[q], g_p[q], lam)
+        conflicts += hit
+    return out, conflicts
 
 
 def concept_preserving_gradients(unlearn: dict[str, torch.Tensor], preserve: dict[str, torch.Tensor],
@@ -91,21 +145,23 @@ def embed_unwrapped(ctx, prompts: list[str], prefix: torch.Tensor | None = None)
         with torch.no_grad():
             return ctx.prompts.encode(prompts)
     with ctx.accelerator.autocast():
-        return ctx.prompts.encode(prompts, prefix).float()
+        return ctx.prompts.encode(prompts, prefix, cache=False).float()  # a training encoder: never cached
 
 
 class PriorPreservation:
     """Diffusion loss on the original model's images of the preservation prompts (DreamBooth/DoCo prior
     preservation): || eps_theta(x_t, c_r, t) - eps ||^2, x_t = q(x_t | x_0) of a generated x_0."""
 
-    def __init__(self, config):
-        self.prompts_source = tuple(config.retain_prompts) or (config.anchor,)
+    def __init__(self, config, prompts: tuple[str, ...] | None = None):
+        self.prompts_source = tuple(prompts) if prompts else (tuple(config.retain_prompts) or (config.anchor,))
         self.config = config
 
-    def prepare(self, ctx) -> None:
-        n = self.config.num_images
+    def prepare(self, ctx, latents: torch.Tensor | None = None) -> None:
+        """Generate ``num_images`` images of the preservation prompts (or use ``latents``, one per prompt
+        of the cycled prompt list, when the caller already has them)."""
+        n = self.config.num_images if latents is None else len(latents)
         self.prompts = [self.prompts_source[i % len(self.prompts_source)] for i in range(n)]
-        self.latents = ctx.generate(self.prompts, ctx.prepare_rng)
+        self.latents = ctx.generate(self.prompts, ctx.prepare_rng) if latents is None else latents
 
     def loss(self, ctx) -> torch.Tensor:
         n = self.config.batch_size
@@ -119,13 +175,13 @@ class PriorPreservation:
 
 
 class PreserveGradient(ErasureMethod):
-    """Wraps an erasure method: its loss is the unlearning loss; the update is the concept-preserving
-    gradient surgery(g_u, g_p) + w g_p (w: the method's ``preservation_weight``, else ``config.beta``)."""
+    """Wraps an erasure method: its loss is the unlearning loss; the update is the paper-text surgery
+    surgery(g_u, g_p) + w g_p (w: the method's ``preservation_weight``, else ``config.beta``)."""
 
     def __init__(self, inner: ErasureMethod):
         self.inner = inner
         self.config = inner.config
-        self.options = inner.options
+        self.cfg = inner.cfg
         self.name = inner.name
         own = getattr(inner, "preservation_loss", None)
         self.preservation = None if own is not None else PriorPreservation(inner.config)

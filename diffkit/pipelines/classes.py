@@ -11,13 +11,14 @@ import diffusers
 from ..cache.pipeline import DeepCacheMixin
 from ..erasure.pipeline import ErasureMixin
 from ..guidance.inversion import InversionMixin
+from ..lora import LoraMixin
 from ..pruning.pipeline import PruningMixin
 from .mixin import GuidanceCallMixin
 
 #: The features every diffkit pipeline has; named in the warning for unsupported pipelines.
-FEATURES = ("guidance=", "enable_deepcache", "load_pruning", "load_erasure", "invert")
+FEATURES = ("guidance=", "enable_deepcache", "load_pruning", "load_erasure", "invert", "load_lora_weights")
 
-_MIXINS = (GuidanceCallMixin, DeepCacheMixin, PruningMixin, ErasureMixin, InversionMixin)
+_MIXINS = (GuidanceCallMixin, DeepCacheMixin, PruningMixin, ErasureMixin, LoraMixin, InversionMixin)
 
 SUPPORTED = (
     "StableDiffusionPipeline",
@@ -34,7 +35,7 @@ SUPPORTED = (
 
 def _subclass(name: str) -> type:
     parent = getattr(diffusers, name)
-    doc = f"diffkit's drop-in :class:`diffusers.{name}` (guidance objects, DeepCache, pruning, erasure)."
+    doc = f"diffkit's drop-in :class:`diffusers.{name}` (guidance objects, DeepCache, pruning, erasure, LoRA)."
     return type(name, (*_MIXINS, parent), {"__doc__": doc, "__module__": __name__})
 
 

@@ -21,6 +21,7 @@ from .world import (
     factor_of,
     forget_words,
     is_heldout,
+    substitute,
     vocabulary,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "prompt_for",
     "render",
     "sample_spec",
+    "substitute",
     "vocabulary",
     "word_for",
 ]

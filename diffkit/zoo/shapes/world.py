@@ -96,6 +96,15 @@ def forget_words(concept: str) -> tuple[str, ...]:
     return tuple(w for w in SYNONYMS[concept] if w != held)
 
 
+def substitute(word: str) -> str:
+    """SalUn's substitute concept for ``word`` (a canonical word or any of its synonyms) in this world:
+    the next canonical concept of the same factor (red -> green, cyan -> red, star -> heart, striped ->
+    dotted), the reference code's "next class" rule (``random_label.py``: class k -> class k + 1 mod 10)."""
+    canonical = next((c for c, words in SYNONYMS.items() if word in words), word)
+    values = FACTORS[factor_of(canonical)]
+    return values[(values.index(canonical) + 1) % len(values)]
+
+
 def vocabulary() -> tuple[str, ...]:
     """Every single word a caption can contain (for ``build_clip_tokenizer``), sorted."""
     words = {w for phrase in (*TEMPLATE_WORDS, *(p for ws in SYNONYMS.values() for p in ws)) for w in phrase.split()}
