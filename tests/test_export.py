@@ -14,12 +14,12 @@ import textwrap
 
 import pytest
 import torch
+from _erasure_artifacts import make_artifact
 from safetensors.torch import load_file
 
 import diffkit
-from diffkit.artifacts import BaseModelMismatch, fingerprint
+from diffkit.artifacts import BaseModelMismatch
 from diffkit.cli import main
-from diffkit.erasure.artifact import write_artifact
 from diffkit.erasure.export import EXPORT_FILE, export_erasure
 from diffkit.pruning import find_units, save_pruning
 from diffkit.zoo import save_tiny_pipeline
@@ -34,16 +34,6 @@ def latents(pipe):
 
 def state(pipe):
     return {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder") for k, v in getattr(pipe, c).state_dict().items()}
-
-
-def make_artifact(pipe, out, names, seed=0, scale=0.05):
-    comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    g = torch.Generator().manual_seed(seed)
-    originals = {q: comps[q.split(".", 1)[0]].get_parameter(q.split(".", 1)[1]).detach().clone() for q in names}
-    trained = {q: v + scale * torch.randn(v.shape, generator=g) for q, v in originals.items()}
-    write_artifact(out, trained, {"method": "esd", "concept": ["red"], "anchor": "",
-                                  "base_model": fingerprint(comps, originals)})
-    return trained
 
 
 @pytest.fixture(scope="module")

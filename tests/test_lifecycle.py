@@ -13,12 +13,11 @@ import diffusers
 import pytest
 import torch
 from _controlnet import controlnet_pipeline
+from _erasure_artifacts import make_artifact, patch_by_hand
 from diffusers.callbacks import SDCFGCutoffCallback
 
 import diffkit
-from diffkit.artifacts import fingerprint
 from diffkit.cache import apply_deepcache
-from diffkit.erasure.artifact import write_artifact
 from diffkit.guidance import APG, CFG, CFGPlusPlus, StepContext
 from diffkit.lifecycle import RULES, FeatureConflict, Touch, composition_matrix, composition_rules, features_of
 from diffkit.pruning import find_units, save_pruning
@@ -44,24 +43,6 @@ def assert_same_state(pipe, before):
     after = state_of(pipe)
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
-
-
-def make_artifact(pipe, out, names, seed=0, scale=0.05):
-    """An erasure artifact written by hand: ``names`` (qualified) moved by seeded noise."""
-    comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    g = torch.Generator().manual_seed(seed)
-    originals = {q: comps[q.split(".", 1)[0]].get_parameter(q.split(".", 1)[1]).detach().clone() for q in names}
-    trained = {q: v + scale * torch.randn(v.shape, generator=g) for q, v in originals.items()}
-    sidecar = {"method": "esd", "concept": ["red"], "anchor": "", "base_model": fingerprint(comps, originals)}
-    write_artifact(out, trained, sidecar)
-    return trained
-
-
-def patch_by_hand(pipe, trained):
-    with torch.no_grad():
-        for q, v in trained.items():
-            comp, _, name = q.partition(".")
-            getattr(pipe, comp).get_parameter(name).copy_(v)
 
 
 def zero_units_by_hand(unet, kept):

@@ -14,13 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 import diffkit
-from diffkit.artifacts import BaseModelMismatch, fingerprint
-from diffkit.erasure.artifact import write_artifact
+from diffkit.artifacts import BaseModelMismatch
 from diffkit.guidance import APG, CFG, CFGPlusPlus
 from diffkit.lifecycle import FeatureConflict, rule_for
 from diffkit.pruning import find_units, save_pruning
 
 peft = pytest.importorskip("peft")
+from _erasure_artifacts import make_artifact, patch_by_hand  # noqa: E402
 from _lora import ALPHA, RANK, make_lora  # noqa: E402
 
 STEPS = 4
@@ -58,24 +58,6 @@ def merge_by_hand(pipe, lora_dir, scale=1.0):
     return pipe
 
 
-def make_artifact(pipe, out, names, seed=1, scale=0.05):
-    comps = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    g = torch.Generator().manual_seed(seed)
-    originals = {q: comps[q.split(".", 1)[0]].get_parameter(q.split(".", 1)[1]).detach().clone() for q in names}
-    trained = {q: v + scale * torch.randn(v.shape, generator=g) for q, v in originals.items()}
-    write_artifact(out, trained, {"method": "esd", "concept": ["red"], "anchor": "",
-                                  "base_model": fingerprint(comps, originals)})
-    return trained
-
-
-def patch_by_hand(pipe, trained):
-    with torch.no_grad():
-        for q, v in trained.items():
-            comp, _, name = q.partition(".")
-            getattr(pipe, comp).get_parameter(name).copy_(v)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, tiny_paths):
     root = tmp_path_factory.mktemp("lora")
@@ -84,7 +66,7 @@ def world(tmp_path_factory, tiny_paths):
     attn2 = [n for n, _ in pipe.unet.named_modules() if n.endswith("attn2")]
     # An erasure on tensors the LoRA also adapts (to_k, to_v) and on one it does not (attn2's to_out bias).
     names = [f"unet.{n}.{k}" for n in attn2 for k in ("to_k.weight", "to_v.weight", "to_out.0.bias")]
-    trained = make_artifact(pipe, root / "erasure", names)
+    trained = make_artifact(pipe, root / "erasure", names, seed=1)
     kept = {u.name: list(range(0, u.size, 2)) for u in find_units(pipe.unet)}
     save_pruning(root / "spec", pipe.unet, kept, macs=False)
     return dict(root=root, lora=lora, erasure=root / "erasure", trained=trained, spec=root / "spec")
