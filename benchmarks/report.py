@@ -272,6 +272,7 @@ TABLES = {
     "speed_targets": ("speed_cpu.json", speed_targets),
     "reference_costs": ("reference_model.json", reference_costs),
     "reference_model": ("reference_model.json", reference_model),
+    "reference_pilot_ztsnr": ("reference_model_pilot_ztsnr.json", reference_model),
     "guiders_summary": ("guiders_quality.json", guiders_summary),
     "overhead_cpu": ("overhead_cpu.json", overhead_cpu),
     "guiders_quality": ("guiders_quality.json", guiders_quality),
