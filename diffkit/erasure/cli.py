@@ -14,7 +14,7 @@ _FIELD_FLAGS = {
     "eta": "eta", "beta": "beta", "saliency_fraction": "saliency_fraction", "sample_steps": "sample_steps",
     "num_images": "num_images", "resolution": "resolution", "checkpoint_every": "checkpoint_every",
     "mixed_precision": "mixed_precision", "gradient_checkpointing": "gradient_checkpointing",
-    "preserve_gradient": "preserve_gradient",
+    "preserve_gradient": "preserve_gradient", "lora_rank": "lora_rank", "lora_alpha": "lora_alpha",
 }
 
 
@@ -57,6 +57,11 @@ def register(subparsers) -> None:
     e.add_argument("--gradient-checkpointing", action="store_true", default=None, help="trade compute for memory")
     e.add_argument("--preserve-gradient", action=argparse.BooleanOptionalAction, default=None,
                    help="concept-preserving gradient surgery against retain prompts (default: on for doco only)")
+    e.add_argument("--lora-rank", type=Int(1), default=None,
+                   help="train a LoRA of this rank on the selected layers instead of the layers themselves; the "
+                        "artifact is a diffusers LoRA file (pipe.load_lora_weights)")
+    e.add_argument("--lora-alpha", type=Float(0, low_open=True), default=None,
+                   help="LoRA alpha (the update is scaled by alpha / rank; default: the rank)")
     e.add_argument("--quiet", action="store_true", help="no progress bars (also none of model loading)")
     e.set_defaults(func=run)
 
@@ -77,6 +82,8 @@ def build_config(args):
 
     data = read_yaml(args.config) if args.config else {}
     overrides = {field: getattr(args, flag) for flag, field in _FIELD_FLAGS.items()}
+    if args.lora_rank is not None or args.lora_alpha is not None:
+        overrides["parametrization"] = "lora"
     return ErasureConfig.from_dict(data, **overrides)
 
 

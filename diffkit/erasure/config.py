@@ -24,6 +24,8 @@ from pathlib import Path
 from .method import MethodConfig, get_method
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+PARAMETRIZATIONS = ("full", "lora")
+_LORA_FIELDS = ("parametrization", "lora_rank", "lora_alpha")
 
 
 def _as_prompts(value, name: str, allow_empty: bool) -> tuple[str, ...]:
@@ -88,6 +90,10 @@ class ErasureConfig:
         unlearning gradient against a preservation gradient on retain prompts; None = the method's default.
     options: the method's own options (``method_config``'s fields that are not top-level fields);
         unknown keys are an error listing the valid ones.
+    parametrization: "full" trains the selected tensors themselves; "lora" trains a LoRA (rank
+        ``lora_rank``, scale ``lora_alpha / lora_rank``; alpha defaults to the rank) on every Linear /
+        Conv2d layer among them (a preset's other tensors, e.g. layer norms, stay frozen; listed ones are
+        an error) (``diffkit.erasure.lora_param``), and the artifact is a diffusers LoRA file.
     """
 
     method: str = "esd"
@@ -112,6 +118,9 @@ class ErasureConfig:
     gradient_checkpointing: bool = False
     preserve_gradient: bool | None = None
     options: Mapping = field(default_factory=dict)
+    parametrization: str = "full"
+    lora_rank: int = 4
+    lora_alpha: float | None = None
 
     def __post_init__(self):
         method = get_method(self.method)  # raises for an unknown method
@@ -151,6 +160,7 @@ class ErasureConfig:
         if not isinstance(self.options, Mapping):
             raise ValueError(f"options must be a mapping, got {self.options!r}")
         set_("options", dict(self.options))
+        self._check_parametrization(method)
         set_("_method_config", method.config_class.from_job(self, method.name))
         method.validate(self)
         if self.anchor is METHOD_DEFAULT:
@@ -160,6 +170,16 @@ class ErasureConfig:
     def method_config(self) -> MethodConfig:
         """The method's typed, validated options (its registered ``config_class``)."""
         return self._method_config
+
+    def _check_parametrization(self, method) -> None:
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {self.parametrization!r}")
+        _check_range("lora_rank", self.lora_rank, lo=1, integer=True, allowed="an integer >= 1")
+        if self.lora_alpha is None:
+            object.__setattr__(self, "lora_alpha", float(self.lora_rank))
+        _check_range("lora_alpha", self.lora_alpha, lo=0, lo_open=True, allowed="> 0")
+        if self.parametrization == "lora" and not method.supports_lora:
+            raise ValueError(f"method {method.name!r} cannot be LoRA-parametrised: {method.lora_refusal}")
 
     def _check_parameters(self) -> None:
         from .selection import PRESETS
@@ -217,6 +237,9 @@ class ErasureConfig:
         d.pop("checkpoint_every")
         if not d["preserve_gradient"]:
             d.pop("preserve_gradient")  # jobs from before the option keep their hash
+        if d["parametrization"] == "full":
+            for key in _LORA_FIELDS:  # full-rank jobs from before LoRA keep their hash
+                d.pop(key)
         revision = get_method(self.method).revision_for(self)
         if revision:  # the method's training changed for an unchanged job: do not reuse old artifacts
             d["method_revision"] = revision

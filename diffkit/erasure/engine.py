@@ -37,13 +37,14 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..lifecycle import Touch, features_of
 from ..noise import NoiseLevel, add_noise, prediction_target, training_level
-from .artifact import base_fingerprint, is_complete, read_sidecar, write_artifact
+from .artifact import base_fingerprint, is_complete, read_sidecar, write_artifact, write_lora_artifact
 from .checkpoint import method_state, read_checkpoint, restore_checkpoint, save_checkpoint
 from .conditioning import PromptEncoder
 from .config import ErasureConfig
+from .lora_param import InjectedLora, LoraParametrization, target_modules
 from .method import get_method
 from .sampling import ddim_scheduler, sample_until
-from .selection import components_of, select_parameters
+from .selection import components_of, get_parameter, select_parameters
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -292,6 +293,7 @@ def _erase(pipe, config: ErasureConfig, out: str | Path, *, accelerator=None, pr
     originals_cpu: dict[str, torch.Tensor] = {}
     trained: dict[str, torch.nn.Parameter] = {}
     enabled_checkpointing: list = []
+    lora: InjectedLora | None = None
     ok = False
     try:
         t0 = time.perf_counter()
@@ -303,8 +305,20 @@ def _erase(pipe, config: ErasureConfig, out: str | Path, *, accelerator=None, pr
         trained = method.prepare(ctx, candidates)
         if not trained:
             raise ValueError(f"method {config.method!r} selected no tensor to train")
-        originals_cpu = {q: p.detach().to("cpu", copy=True) for q, p in trained.items()}
-        fingerprint = base_fingerprint(components, originals_cpu)
+        if config.parametrization == "lora":
+            # Train B A on the selected layers instead; the fingerprint is of the weights the LoRA adapts.
+            modules = target_modules(components, trained, strict=not isinstance(config.parameters, str))
+            base = {f"{m}.weight": get_parameter(components, f"{m}.weight") for m in modules}
+            fingerprint = base_fingerprint(components, {q: p.detach().to("cpu", copy=True) for q, p in base.items()})
+            seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(config.seed + 2)))
+            lora = InjectedLora(components, modules, LoraParametrization(config.lora_rank, config.lora_alpha), seed)
+            trained = lora.parameters()
+            for p in trained.values():
+                p.requires_grad_(False)
+            originals_cpu = {q: p.detach().to("cpu", copy=True) for q, p in trained.items()}
+        else:
+            originals_cpu = {q: p.detach().to("cpu", copy=True) for q, p in trained.items()}
+            fingerprint = base_fingerprint(components, originals_cpu)
         ctx.trainable = trained
         ctx.original = OriginalWeights(trained) if method.needs_original else None
         ctx.pristine = False
@@ -372,6 +386,19 @@ def _erase(pipe, config: ErasureConfig, out: str | Path, *, accelerator=None, pr
             "hyperparameters": config.to_dict(), "config_hash": config.config_hash(), "metrics": metrics,
             "resumed_from": resumed_from, "diffkit_version": __version__, "torch_version": torch.__version__,
         }
+        if lora is not None:
+            state = lora.state_dicts()
+            _release(components, flags, enabled_checkpointing, lora)  # the modules are the pipeline's own again
+            lora = None
+            if acc.is_main_process:
+                write_lora_artifact(out, state, LoraParametrization(config.lora_rank, config.lora_alpha), modules,
+                                    sidecar)
+                shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+            acc.wait_for_everyone()
+            ok = True
+            pipe.load_erasure(out)  # the merged W0 + (alpha / r) B A, exactly what loading the artifact gives
+            return ErasureResult(out, read_sidecar(out), "resumed" if resumed_from is not None else "trained",
+                                 resumed_from)
         if acc.is_main_process:
             write_artifact(out, {q: p.detach() for q, p in trained.items()}, sidecar, masks=method.artifact_masks())
             shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
@@ -380,15 +407,23 @@ def _erase(pipe, config: ErasureConfig, out: str | Path, *, accelerator=None, pr
         pipe.register_erasure(str(out), read_sidecar(out) if is_complete(out) else sidecar, originals_cpu)
         return ErasureResult(out, sidecar, "resumed" if resumed_from is not None else "trained", resumed_from)
     finally:
-        if not ok and originals_cpu:
+        if not ok and originals_cpu and lora is None:
             with torch.no_grad():
                 for q, p in trained.items():
                     p.copy_(originals_cpu[q].to(device=p.device, dtype=p.dtype))
-        for c, m in components.items():
-            grads, training = flags[c]
-            for p, g in zip(m.parameters(), grads):
-                p.requires_grad_(g)
-                p.grad = None
-            m.train(training)
-        for c, m in enabled_checkpointing:
-            (m.disable_gradient_checkpointing if c == "unet" else m.gradient_checkpointing_disable)()
+        _release(components, flags, enabled_checkpointing, lora)
+
+
+def _release(components, flags, enabled_checkpointing: list, lora: InjectedLora | None) -> None:
+    """Undo the job's changes to the modules (idempotent): a LoRA's layers, gradient flags, checkpointing."""
+    if lora is not None:
+        lora.remove()  # first: the flags below are per parameter of the pipeline's own modules
+    for c, m in components.items():
+        grads, training = flags[c]
+        for p, g in zip(m.parameters(), grads):
+            p.requires_grad_(g)
+            p.grad = None
+        m.train(training)
+    for c, m in enabled_checkpointing:
+        (m.disable_gradient_checkpointing if c == "unet" else m.gradient_checkpointing_disable)()
+    enabled_checkpointing.clear()

@@ -28,11 +28,10 @@ from pathlib import Path
 from ..artifacts import ArtifactError, atomic_write_json, read_json
 from ..lifecycle import features_of
 from .artifact import read_sidecar
+from .lora_param import LORA_FILE  # a LoRA-parametrised artifact is loadable by diffusers as it is
 
 #: Written beside the exported components: where they came from.
 EXPORT_FILE = "diffkit_export.json"
-#: diffusers' LoRA file name (a LoRA-parametrised artifact is loadable by diffusers as it is).
-LORA_FILE = "pytorch_lora_weights.safetensors"
 #: A pruning spec's sidecar (diffkit.pruning.spec.SPEC_FILE; erasure does not import pruning).
 _PRUNING_SPEC_FILE = "spec.json"
 PRUNING_REFUSAL = ("is a pruning spec: pruning specs stay diffkit-only, because their slimmed widths do not fit a "

@@ -80,6 +80,10 @@ class ErasureMethod:
     #: Bumped when the method's training changes for an unchanged job, so ``config_hash`` changes and a
     #: finished artifact of the old algorithm is not silently reused (0: not part of the hash).
     revision: ClassVar[int] = 0
+    #: Whether the job may train a LoRA on the selected layers instead (``parametrization: lora``).
+    supports_lora: ClassVar[bool] = True
+    #: Why not, when ``supports_lora`` is False (the error message's reason).
+    lora_refusal: ClassVar[str] = ""
 
     @classmethod
     def revision_for(cls, config) -> int:
