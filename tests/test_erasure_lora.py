@@ -307,3 +307,29 @@ def test_plain_diffusers_loads_and_dials_the_erasure_lora(trained, tiny_paths, t
     d_half = (got["w05"] - got["base"]).abs().mean()
     d_full = (got["w1"] - got["base"]).abs().mean()
     assert 0 < d_half < d_full  # the dial: half the adapter moves the output less than all of it
+
+
+# --- the LoRA-vs-full benchmark's comparison (benchmarks/erasure_lora.py) ------------------------------
+def test_benchmark_pairs_each_lora_setting_with_full_fine_tuning():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import erasure_lora as bench
+
+    from diffkit.evaluation import paired_difference
+
+    assert bench.split("esd-r16") == ("esd", 16) and bench.split("advunlearn-full") == ("advunlearn", None)
+    full = {"ua": [1, 1, 1, 1, 0, 1, 1, 1], "ua_synonyms": [1] * 8, "ira": [1, None, 0, 1, 1, 1, None, 1],
+            "cra": [[2, 2], [1, 2], [2, 2], [0, 0], [2, 2], [2, 2], [1, 2], [2, 2]]}
+    r4 = {"ua": [1, 0, 1, 1, 0, 1, 0, 1], "ua_synonyms": [1] * 8, "ira": [1, 1, None, 1, 0, 1, 1, 1],
+          "cra": [[2, 2], [2, 2], [2, 2], [0, 0], [1, 2], [2, 2], [2, 2], [2, 2]]}
+    details = {"esd-full-red": {"report": {"outcomes": full}}, "esd-r4-red": {"report": {"outcomes": r4}}}
+    comps = bench.comparisons(details, ["red"], ["esd-full", "esd-r4"])
+    c = comps["esd-r4-red"]
+    assert c["ua"] == paired_difference(r4["ua"], full["ua"]).to_json()
+    assert c["ua"]["difference"] == pytest.approx(-2 / 8)
+    both = [i for i in range(8) if full["ira"][i] is not None and r4["ira"][i] is not None]  # pairs scored twice
+    assert c["ira"]["n"] == len(both) == 5
+    assert c["cra"]["n"] == 7  # the image that scores no other factor is left out
+    lo, hi = c["ua"]["ci95"]
+    assert c["verdict_ua_within_5pt"] == ("met" if lo >= -0.05 else "missed" if hi < -0.05 else
+                                         "not resolved at this n")
+    assert "esd-full-red" not in comps

@@ -20,6 +20,7 @@ from diffkit.evaluation import (
     kid,
     shapes_erasure_prompts,
     shapes_prompt_specs,
+    wilson_interval,
 )
 from diffkit.zoo import load_reference_classifier
 from diffkit.zoo.shapes import EVAL_ONLY, forget_words, render, sample_spec
@@ -75,6 +76,11 @@ def test_erasure_report_of_a_perfect_erasure(oracle):
     assert rep["n_images"] == {"forget": 12, "synonyms": 12, "retain": 12}
     assert (rep["ua"], rep["ua_synonyms"], rep["ira"], rep["cra"], rep["cra_forget"]) == (1.0, 1.0, 1.0, 1.0, 1.0)
     assert rep["original"] == {"ua": 0.0, "cra_forget": 1.0, "ua_synonyms": 0.0, "ira": 1.0, "cra": 1.0}
+    o = rep["outcomes"]
+    assert o["ua"] == [1] * 12 and o["ua_synonyms"] == [1] * 12 and o["ira"] == [1] * 12
+    assert all(c == s for c, s in o["cra"]) and sum(s for _, s in o["cra"]) > 0
+    assert rep["ci95"]["ua"] == pytest.approx(list(wilson_interval(12, 12)))
+    assert rep["ci95"]["cra"] == [1.0, 1.0]
     # retain images are identical -> PSNR undefined (all pairs identical), KID is that of a set with itself
     assert rep["identical_retain_images"] == 12 and rep["psnr_retain"] is None
     prompts = [s.prompt for s in groups["retain"] for _ in (0, 1)]
@@ -119,3 +125,25 @@ def test_bad_prompt_specs_and_concepts(oracle):
         erasure_report(pipe, pipe, oracle, "color", "red", ok, ok, ok)
     with pytest.raises(ValueError, match="synonyms prompts must be labelled color='red'"):
         erasure_report(pipe, pipe, oracle, "color", "red", ok, retain, retain)
+
+
+def test_erasure_outcomes_and_intervals_on_constructed_predictions():
+    from diffkit.evaluation.concepts import ConceptResult, erasure_outcomes, outcome_intervals
+
+    def result(expected, predicted):
+        n = len(next(iter(expected.values())))
+        return ConceptResult({}, [""] * n, [0] * n, expected, predicted, 0.0, np.zeros(0), np.zeros(0))
+
+    res = {
+        "forget": result({"color": ["red"] * 4}, {"color": ["red", "blue", "red", "green"]}),
+        "synonyms": result({"color": ["red"] * 2}, {"color": ["blue", "blue"]}),
+        "retain": result({"color": ["blue", "red", None], "object": ["star", "circle", "square"]},
+                         {"color": ["blue", "blue", "green"], "object": ["star", "square", "square"]}),
+    }
+    o = erasure_outcomes(res, "color", "red")
+    assert o == {"ua": [0, 1, 0, 1], "ua_synonyms": [1, 1], "ira": [1, None, None], "cra": [[1, 1], [0, 1], [1, 1]]}
+    ci = outcome_intervals(o)
+    assert ci["ua"] == pytest.approx(list(wilson_interval(2, 4)))
+    assert ci["ira"] == pytest.approx(list(wilson_interval(1, 1)))
+    lo, hi = ci["cra"]
+    assert 0 <= lo <= 2 / 3 <= hi <= 1  # bootstrap over the three images around the pooled 2/3

@@ -132,6 +132,46 @@ def _group_metrics(res: ConceptResult, factor: str, concept: str, kind: str) -> 
             "cra": cross_domain_retain_accuracy(res.predicted, res.expected, factor)}
 
 
+def erasure_outcomes(res: dict[str, ConceptResult], factor: str, concept: str) -> dict[str, list]:
+    """Per-image outcomes behind UA, UA (synonyms), IRA and CRA, in prompt x seed order (for intervals and
+    paired comparisons of two models on the same prompts and seeds).
+
+    ``ua`` / ``ua_synonyms``: 1 where the image is *not* read as ``concept``; ``ira``: 1 where the erased
+    factor is read right, None for images IRA does not score; ``cra``: per image ``[correct, scored]`` over
+    the other factors (CRA pools these pairs).
+    """
+    def hits(r: ConceptResult):
+        return [int(p != concept) for p in r.predicted[factor]]
+
+    retain = res["retain"]
+    ira = [None if e is None or e == concept else int(p == e)
+           for p, e in zip(retain.predicted[factor], retain.expected[factor])]
+    others = [f for f in retain.expected if f != factor]
+    cra = []
+    for i in range(retain.n_images):
+        scored = [f for f in others if retain.expected[f][i] is not None]
+        cra.append([sum(int(retain.predicted[f][i] == retain.expected[f][i]) for f in scored), len(scored)])
+    return {"ua": hits(res["forget"]), "ua_synonyms": hits(res["synonyms"]), "ira": ira, "cra": cra}
+
+
+def outcome_intervals(outcomes: dict[str, list]) -> dict[str, list[float]]:
+    """95% intervals of the rates of :func:`erasure_outcomes`: Wilson for UA and IRA (one outcome per image),
+    a bootstrap over images for CRA (several factors per image are not independent)."""
+    from .stats import bootstrap_interval, wilson_interval
+
+    out = {}
+    for key in ("ua", "ua_synonyms", "ira"):
+        scored = [h for h in outcomes[key] if h is not None]
+        out[key] = list(wilson_interval(sum(scored), len(scored)))
+    pairs = np.asarray(outcomes["cra"], dtype=np.float64).reshape(-1, 2)
+    keep = pairs[:, 1] > 0
+    if keep.any():
+        index = np.flatnonzero(keep)
+        ratio = lambda ix: pairs[ix.astype(int), 0].sum() / pairs[ix.astype(int), 1].sum()
+        out["cra"] = list(bootstrap_interval(index.astype(np.float64), ratio))
+    return out
+
+
 def erasure_report(original_pipe, erased_pipe, classifier, concept_factor: str, concept: str, forget_prompts,
                    synonym_prompts, retain_prompts, seeds: Sequence[int] = (0,), batch_size: int = 8,
                    kid_subsets: int = 100, progress: bool = True, **call_kwargs) -> dict:
@@ -145,7 +185,8 @@ def erasure_report(original_pipe, erased_pipe, classifier, concept_factor: str, 
     Returns ``ua`` (forget words), ``ua_synonyms``, ``ira``, ``cra``, ``cra_forget`` (other factors kept in
     forget images, when the forget specs name them), ``kid`` / ``kid_std`` of the erased model's retain
     images against the original's (same prompts and seeds), ``psnr_retain`` (mean PSNR of those pairs, dB),
-    and the same accuracy metrics for the original model under ``"original"`` (the baseline).
+    and the same accuracy metrics for the original model under ``"original"`` (the baseline); ``outcomes``
+    (per image, :func:`erasure_outcomes`) and ``ci95`` (95% intervals of UA, UA synonyms, IRA and CRA).
     """
     factors = classifier.factors
     if concept_factor not in factors:
@@ -196,6 +237,8 @@ def erasure_report(original_pipe, erased_pipe, classifier, concept_factor: str, 
     report["psnr_retain"] = float(finite.mean()) if len(finite) else None
     report["identical_retain_images"] = int((~pairs.isfinite()).sum())
     report["original"] = metrics(original)
+    report["outcomes"] = erasure_outcomes(erased, concept_factor, concept)
+    report["ci95"] = outcome_intervals(report["outcomes"])
     return report
 
 
