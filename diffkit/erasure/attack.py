@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..noise import add_noise, prediction_target, training_level
 from .conditioning import PromptEncoder
+from .fields import check_choice, check_integers, check_number
 from .sampling import ddim_scheduler
 from .unlearndiffatk import UnlearnDiffAtkConfig, unlearndiffatk
 
@@ -57,16 +58,10 @@ class AttackConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name, lo in (("prefix_tokens", 1), ("steps", 1), ("num_inference_steps", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.update not in UPDATES:
-            raise ValueError(f"update must be one of {UPDATES}, got {self.update!r}")
-        if not isinstance(self.guidance_scale, (int, float)) or self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale!r}")
+        check_integers(self, ("prefix_tokens", "steps", "num_inference_steps"))
+        check_number(self, "lr", positive=True)
+        check_choice(self, "update", UPDATES)
+        check_number(self, "guidance_scale")
 
 
 def optimize_prefix(

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from ..noise import add_noise, prediction_target, training_level
 from .conditioning import PromptEncoder
+from .fields import check_choice, check_integers, check_number, check_seed
 
 RELAXATIONS = ("simplex", "nearest")
 
@@ -78,22 +79,12 @@ class UnlearnDiffAtkConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name, lo in (("prefix_tokens", 1), ("iterations", 1), ("timesteps", 1), ("num_inference_steps", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) \
-                or self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.relaxation not in RELAXATIONS:
-            raise ValueError(f"relaxation must be one of {RELAXATIONS}, got {self.relaxation!r}")
-        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)) \
-                or self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        check_integers(self, ("prefix_tokens", "iterations", "timesteps", "num_inference_steps"))
+        check_number(self, "lr", positive=True)
+        check_number(self, "weight_decay")
+        check_choice(self, "relaxation", RELAXATIONS)
+        check_number(self, "guidance_scale")
+        check_seed(self)
 
 
 # --- the pieces, each a pure function -------------------------------------------------------------

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ...noise import add_noise, training_level
+from ..fields import check_integers, check_number, check_seed
 from ..sampling import cfg, ddim_scheduler
 from .report import ProbeReport
 
@@ -46,14 +47,9 @@ class CompletionConfig:
             raise ValueError(f"strengths must be a non-empty sequence of values in (0, 1], got {self.strengths!r}")
         if not isinstance(self.prompt, str):
             raise ValueError(f"prompt must be a string, got {self.prompt!r}")
-        v = self.num_inference_steps
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {v!r}")
-        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)) \
-                or self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        check_integers(self, ("num_inference_steps",))
+        check_number(self, "guidance_scale")
+        check_seed(self)
 
 
 def _encode(pipe, prompts: list[str]) -> torch.Tensor:

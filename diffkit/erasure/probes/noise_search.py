@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..fields import check_integers, check_number, check_seed
 from .report import ProbeReport
 
 
@@ -34,15 +35,9 @@ class NoiseSearchConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("candidates", "batch_size", "num_inference_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)) \
-                or self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        check_integers(self, ("candidates", "batch_size", "num_inference_steps"))
+        check_number(self, "guidance_scale")
+        check_seed(self)
 
 
 def initial_latents(pipe, n: int, seed: int) -> torch.Tensor:
