@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, print_table, write_json  # noqa: E402
-from erasure_methods import method_config, training_state_bytes  # noqa: E402
+from erasure_methods import add_advunlearn_flags, method_config, training_state_bytes  # noqa: E402
 from erasure_quality import parse_and_load, protocol_parser, run_jobs  # noqa: E402
 
 from diffkit.evaluation import paired_difference, verdict  # noqa: E402
@@ -115,10 +115,7 @@ def markdown_table(rows: list[dict], comps: dict) -> str:
 def main(argv=None) -> int:
     ap = protocol_parser(__doc__, METHODS, esd_steps=30, esd_lr=3e-4, n_prompts=32, seeds=[0, 1, 2, 3],
                          inference_steps=10, attack_prompts=32)
-    ap.add_argument("--adv-steps", type=int, default=30)
-    ap.add_argument("--adv-lr", type=float, default=3e-4)
-    ap.add_argument("--adv-attack", default="sign", choices=("sign", "adam"))
-    ap.add_argument("--adv-retain-batch", type=int, default=2)
+    add_advunlearn_flags(ap)
     args, models = parse_and_load(ap, argv, "erasure_lora")
     if models is None:
         return 3

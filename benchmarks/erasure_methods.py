@@ -107,14 +107,19 @@ def check_targets(rows: list[dict], concepts) -> dict:
 def markdown_table(rows: list[dict]) -> str:
     return part1_table(rows, tail=(("state MiB", "{state_mib:.1f}"), ("peak RSS GiB", "{peak_rss_gib:.2f}")))
 
-def main(argv=None) -> int:
-    # part 1's flags, with this script's defaults (the documented run passes part 1's values explicitly)
-    ap = protocol_parser(__doc__, METHODS, esd_steps=30, esd_lr=3e-4, salun_steps=30, salun_lr=3e-4, salun_images=8,
-                         n_prompts=8, seeds=[0], inference_steps=10, attack_steps=15)
+def add_advunlearn_flags(ap) -> None:
+    """AdvUnlearn's training flags (``method_config`` reads them); shared with ``erasure_lora.py``."""
     ap.add_argument("--adv-steps", type=int, default=30)
     ap.add_argument("--adv-lr", type=float, default=3e-4)
     ap.add_argument("--adv-attack", default="sign", choices=("sign", "adam"))
     ap.add_argument("--adv-retain-batch", type=int, default=2)
+
+
+def main(argv=None) -> int:
+    # part 1's flags, with this script's defaults (the documented run passes part 1's values explicitly)
+    ap = protocol_parser(__doc__, METHODS, esd_steps=30, esd_lr=3e-4, salun_steps=30, salun_lr=3e-4, salun_images=8,
+                         n_prompts=8, seeds=[0], inference_steps=10, attack_steps=15)
+    add_advunlearn_flags(ap)
     ap.add_argument("--doco-steps", type=int, default=30)
     ap.add_argument("--doco-lr", type=float, default=3e-4)
     ap.add_argument("--doco-batch", type=int, default=2)

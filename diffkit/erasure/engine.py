@@ -313,8 +313,6 @@ def _erase(pipe, config: ErasureConfig, out: str | Path, *, accelerator=None, pr
             seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(config.seed + 2)))
             lora = InjectedLora(components, modules, LoraParametrization(config.lora_rank, config.lora_alpha), seed)
             trained = lora.parameters()
-            for p in trained.values():
-                p.requires_grad_(False)
             originals_cpu = {q: p.detach().to("cpu", copy=True) for q, p in trained.items()}
         else:
             originals_cpu = {q: p.detach().to("cpu", copy=True) for q, p in trained.items()}
