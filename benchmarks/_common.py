@@ -8,6 +8,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -106,3 +107,81 @@ def print_table(rows: list[dict]) -> None:
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# -- per-image outcomes, intervals and paired comparisons of the quality benchmarks (issue 16) -------------
+
+#: Recorded in each quality JSON that carries per-image outcomes (report.py renders files without it as stale).
+STATS = dict(confidence=0.95, rates="Wilson score interval", means="percentile bootstrap, 2000 resamples, whole "
+             "prompts resampled", differences="paired bootstrap of the per-image differences, whole prompts "
+             "resampled", psnr_cap_db=100.0)
+
+
+def capped_psnr(values) -> list[float]:
+    """Per-image PSNR in dB with identical pairs (+inf) counted at ``STATS["psnr_cap_db"]``, so means and
+    intervals stay finite."""
+    return [min(float(v), STATS["psnr_cap_db"]) for v in values]
+
+
+def mean_with_interval(values, groups) -> dict:
+    """The mean of per-image ``values`` with its 95% bootstrap interval (``groups``: prompt of each image)."""
+    from diffkit.evaluation import bootstrap_interval
+
+    return dict(mean=float(np.mean(values)), ci95=list(bootstrap_interval(values, groups=groups)), n=len(values))
+
+
+def oracle_outcomes(result, groups) -> dict:
+    """What the oracle read, image by image, from a :class:`diffkit.evaluation.ConceptResult`:
+
+    * ``outcomes``: per factor, 1 / 0 for each image (None where its prompt does not name the factor);
+    * ``rates``: per factor, k of n with the Wilson interval (``Rate.to_json``);
+    * ``per_image_accuracy``: each image's share of its named factors read right, and ``mean_accuracy`` with
+      its bootstrap interval over prompts (``mean_accuracy_ci95``; the factors of one image are not
+      independent, so the mean is not given a Wilson interval of pooled readings).
+    """
+    from diffkit.evaluation import rate
+
+    outcomes = {f: [None if e is None else int(p == e) for p, e in zip(result.predicted[f], expected)]
+                for f, expected in result.expected.items()}
+    outcomes = {f: hits for f, hits in outcomes.items() if any(h is not None for h in hits)}
+    rates = {f: rate([h for h in hits if h is not None]).to_json() for f, hits in outcomes.items()}
+    per_image = []
+    for i in range(len(result.prompts)):
+        scored = [hits[i] for hits in outcomes.values() if hits[i] is not None]
+        if not scored:
+            raise ValueError(f"image {i} ({result.prompts[i]!r}) names no factor the oracle reads")
+        per_image.append(sum(scored) / len(scored))
+    mean = mean_with_interval(per_image, groups)
+    return dict(outcomes=outcomes, rates=rates, per_image_accuracy=per_image, mean_accuracy=mean["mean"],
+                mean_accuracy_ci95=mean["ci95"])
+
+
+def judged_difference(a, b, groups, target: float, direction: str, strict: bool = False) -> dict:
+    """``mean(a) - mean(b)`` over the same images with its paired bootstrap interval (whole prompts resampled)
+    and the verdict against ``target`` (``direction`` ">=" or "<="). ``strict``: the difference must be
+    strictly beyond the target ("less saturated", "higher PSNR"), so an interval ending on it is not met."""
+    from diffkit.evaluation import paired_difference, verdict
+
+    d = paired_difference(a, b, groups=groups)
+    v = verdict(d.low, d.high, target, direction)
+    if strict and v == "met" and (d.low if direction == ">=" else d.high) == target:
+        v = "missed" if d.low == d.high else "not resolved at this n"
+    return {**d.to_json(), "target": f"{direction} {target:g}", "verdict": v}
+
+
+def versus_baseline(res, prompts, base: dict | None = None, base_images=None, margin: float = 0.0) -> dict:
+    """A quality row from an ``evaluate_concepts`` result (one image per prompt in ``prompts``): its per-image
+    outcomes and intervals (:func:`oracle_outcomes`; ``accuracy``: the factors' rates alone); with ``base``
+    (the baseline's row) and ``base_images`` also the per-image PSNR against the baseline's images with its
+    interval, and the paired change in mean accuracy judged against ``-margin`` (``accuracy_diff``)."""
+    from diffkit.evaluation import psnr
+
+    o = oracle_outcomes(res, prompts)
+    row = dict(n=res.n_images, accuracy={f: r["rate"] for f, r in o["rates"].items()}, **o)
+    if base is None:
+        return dict(row, psnr_db=float("inf"), delta_points=0.0)
+    values = capped_psnr(psnr(base_images, res.images))
+    return dict(row, psnr_db=float(np.mean(values)), psnr_db_ci95=mean_with_interval(values, prompts)["ci95"],
+                per_image_psnr_db=values, delta_points=100 * (o["mean_accuracy"] - base["mean_accuracy"]),
+                accuracy_diff=judged_difference(o["per_image_accuracy"], base["per_image_accuracy"], prompts,
+                                                -margin, ">="))

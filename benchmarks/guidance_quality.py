@@ -11,6 +11,13 @@ Saturation is ``diffkit.evaluation`` mean HSV saturation; accuracy is the oracle
 factors each prompt names. Inversion: >= 16 of the model's own images (50 DDIM steps), inverted and
 reconstructed with CFG++ 0.6 and with CFG 7.5, PSNR of the decoded reconstruction against the image.
 
+Statistics (issue 16): every row keeps its per-image outcomes (each factor read right or not, saturation,
+inversion PSNR) with the prompts and seeds; each factor's accuracy has its n and Wilson interval, the mean
+accuracy and saturation a bootstrap interval over prompts. The targets compare two settings on the same
+prompts and seeds by the paired bootstrap interval of the difference (whole prompts resampled) and judge it:
+APG 15 less saturated than CFG 15 (difference below 0) and at least as accurate (difference above -2 points,
+the margin of ``guiders_quality.py``); CFG++ 0.6's inversion PSNR above CFG 7.5's (difference above 0).
+
 APG's r: the paper's SDXL value is 15 for 4x128x128 latents; an update's norm grows like the square root of
 the latent size, so the default here is 15 * sqrt(latent numel / (4*128*128)) (recorded in the JSON).
 
@@ -35,7 +42,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment, print_table, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS,
+    STATS,
+    capped_psnr,
+    environment,
+    judged_difference,
+    mean_with_interval,
+    oracle_outcomes,
+    print_table,
+    write_json,
+)
 
 from diffkit.guidance import APG, CFG, CFGPlusPlus  # noqa: E402
 
@@ -43,6 +60,8 @@ GRID = Path(__file__).resolve().parents[1] / "docs" / "images" / "guidance_grid.
 GRID_MAX_BYTES = 300_000
 SDXL_LATENT_NUMEL = 4 * 128 * 128
 SDXL_NORM_THRESHOLD = 15.0
+#: "at least as accurate": the paired difference's interval above -2 points (as in guiders_quality.py)
+ACCURACY_MARGIN = 0.02
 
 
 def default_norm_threshold(latent_numel: int) -> float:
@@ -94,19 +113,41 @@ def generate(pipe, prompts, seeds, batch_size, **kw) -> np.ndarray:
     return generate_images(pipe, prompts, seeds, batch_size=batch_size, progress=True, **kw)
 
 
+def quality_figures(saturation, result, prompts) -> dict:
+    """A setting's figures from its per-image ``saturation`` and the oracle's reading (``ConceptResult`` or None,
+    one image per prompt of ``prompts``): means with intervals and the per-image outcomes they came from."""
+    sat = [float(x) for x in saturation]
+    row = dict(n=len(sat), saturation=float(np.mean(sat)), saturation_ci95=mean_with_interval(sat, prompts)["ci95"],
+               per_image_saturation=sat)
+    if result is not None:
+        o = oracle_outcomes(result, prompts)
+        row.update({f"acc_{f}": r["rate"] for f, r in o["rates"].items()})
+        row.update(accuracy=o["rates"], acc_mean=o["mean_accuracy"], acc_mean_ci95=o["mean_accuracy_ci95"],
+                   per_image_accuracy=o["per_image_accuracy"], outcomes=o["outcomes"])
+    return row
+
+
 def quality_row(name, guidance, pipe, classifier, specs, steps, batch_size) -> tuple[dict, np.ndarray]:
+    """One setting on every prompt spec (image i draws seed i): per-image saturation and oracle outcomes."""
     from diffkit.evaluation import classify_specs, image_saturation
 
     prompts, seeds = [s.prompt for s in specs], list(range(len(specs)))
     t0 = time.perf_counter()
     images = generate(pipe, prompts, seeds, batch_size, desc=name, num_inference_steps=steps, guidance=guidance)
-    row = dict(setting=name, guidance=repr(guidance), n=len(images),
-               saturation=float(image_saturation(images).mean()), seconds=round(time.perf_counter() - t0, 1))
-    if classifier is not None:
-        result = classify_specs(classifier, images, specs)
-        row.update({f"acc_{f}": v for f, v in result.accuracy.items()})
-        row["acc_mean"] = float(np.mean(list(result.accuracy.values())))
+    result = classify_specs(classifier, images, specs) if classifier is not None else None
+    row = dict(setting=name, guidance=repr(guidance), **quality_figures(image_saturation(images), result, prompts),
+               seconds=round(time.perf_counter() - t0, 1))
     return row, images
+
+
+def inversion_row(source: str, method: str, psnr_db, prompts, seeds, steps: int) -> dict:
+    """One method's round trip on one image set: per-image PSNR (identical pairs at the cap) with its mean's
+    interval over prompts."""
+    values = capped_psnr(psnr_db)
+    return dict(images=source, method=method, n=len(values), steps=steps, psnr_mean=float(np.mean(values)),
+                psnr_std=float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                psnr_ci95=mean_with_interval(values, prompts)["ci95"], per_image_psnr=values, prompts=prompts,
+                seeds=seeds)
 
 
 @torch.no_grad()
@@ -118,21 +159,20 @@ def inversion_rows(pipe, n: int, steps: int, batch_size: int, seed: int = 1) -> 
     prompts = [s.prompt for s in specs]
     methods = {"cfgpp_0.6": CFGPlusPlus(0.6), "cfg_7.5": CFG(7.5)}
     sources = {"common (CFG 3)": CFG(3.0), "own": None}
+    seeds = [seed * 100_000 + i for i in range(n)]
     rows = []
     for source, source_guidance in sources.items():
         for name, guidance in methods.items():
             psnrs = []
             for start in range(0, n, batch_size):
                 batch = prompts[start:start + batch_size]
-                gens = [torch.Generator().manual_seed(seed * 100_000 + start + k) for k in range(len(batch))]
+                gens = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch_size]]
                 made = pipe(batch, guidance=source_guidance or guidance, num_inference_steps=steps, generator=gens,
                             output_type="pt").images
                 z = pipe.invert(made, batch, guidance=guidance, num_inference_steps=steps)
                 rec = pipe(batch, latents=z, guidance=guidance, num_inference_steps=steps, output_type="pt").images
                 psnrs.append(psnr(rec, made, value_range=(0, 1)))
-            values = torch.cat(psnrs)
-            rows.append(dict(images=source, method=name, n=len(values), steps=steps,
-                             psnr_mean=float(values.mean()), psnr_std=float(values.std())))
+            rows.append(inversion_row(source, name, torch.cat(psnrs), prompts, seeds, steps))
     return rows
 
 
@@ -164,20 +204,32 @@ def save_grid(columns: dict[str, np.ndarray], path: Path, rows: int = 4) -> int:
     return buf.tell()
 
 
-def targets(rows: list[dict], inversion: list[dict]) -> dict:
-    """The issue's targets: APG 15 less saturated than CFG 15 with accuracy at least CFG's; CFG++ 0.6 inverts
-    with a higher PSNR than CFG 7.5 (on each image set)."""
+def targets(rows: list[dict], inversion: list[dict], prompts: list[str]) -> dict:
+    """The issue's targets, each a paired difference on the same prompts and seeds with its verdict: APG 15 less
+    saturated than CFG 15 and at least as accurate (within ``ACCURACY_MARGIN``); CFG++ 0.6 inverting with a
+    higher PSNR than CFG 7.5 (on each image set)."""
     by = {r["setting"]: r for r in rows}
     out = {}
     if "apg_15" in by and "cfg_15" in by:
         apg, cfg = by["apg_15"], by["cfg_15"]
-        out["apg15_saturation_below_cfg15"] = apg["saturation"] < cfg["saturation"]
-        if "acc_mean" in apg:
-            out["apg15_accuracy_at_least_cfg15"] = apg["acc_mean"] >= cfg["acc_mean"]
+        out["apg15_saturation_below_cfg15"] = dict(
+            a="apg_15", b="cfg_15", measure="saturation", **judged_difference(
+                apg["per_image_saturation"], cfg["per_image_saturation"], prompts, 0.0, "<=", strict=True))
+        if "per_image_accuracy" in apg:
+            out["apg15_accuracy_at_least_cfg15"] = dict(
+                a="apg_15", b="cfg_15", measure="mean accuracy", **judged_difference(
+                    apg["per_image_accuracy"], cfg["per_image_accuracy"], prompts, -ACCURACY_MARGIN, ">="))
     for source in sorted({r["images"] for r in inversion}):
-        psnr = {r["method"]: r["psnr_mean"] for r in inversion if r["images"] == source}
-        out[f"cfgpp_psnr_above_cfg ({source})"] = psnr["cfgpp_0.6"] > psnr["cfg_7.5"]
+        psnr = {r["method"]: r for r in inversion if r["images"] == source}
+        a, b = psnr["cfgpp_0.6"], psnr["cfg_7.5"]
+        out[f"cfgpp_psnr_above_cfg ({source})"] = dict(
+            a="cfgpp_0.6", b="cfg_7.5", measure=f"inversion PSNR, dB ({source})", **judged_difference(
+                a["per_image_psnr"], b["per_image_psnr"], a["prompts"], 0.0, ">=", strict=True))
     return out
+
+
+def _fmt_ci(ci) -> str:
+    return f"[{ci[0]:+.4g}, {ci[1]:+.4g}]"
 
 
 def main(argv=None) -> int:
@@ -209,7 +261,8 @@ def main(argv=None) -> int:
     from diffkit.artifacts import model_digest as fingerprint  # a partial file of other weights is not resumed
 
     config = dict(model=args.model, n=args.n, steps=args.steps, norm_threshold=r, scheduler="DDIMScheduler",
-                  inversion_n=args.inversion_n, inversion_steps=args.inversion_steps, weights=fingerprint(pipe.unet))
+                  inversion_n=args.inversion_n, inversion_steps=args.inversion_steps, weights=fingerprint(pipe.unet),
+                  outcomes="per image")  # a partial file without per-image outcomes is not resumed
     suffix = ("" if args.model == "reference" else "_smoke") + args.tag
     partial_path = RESULTS / f"guidance_quality{suffix}.partial.json"
     partial = json.loads(partial_path.read_text()) if partial_path.is_file() else {}
@@ -229,19 +282,24 @@ def main(argv=None) -> int:
         grid_columns[name] = images[:4]
         partial["rows"][name] = row
         write_json(partial_path.name, partial)  # checkpoint after every setting
-    print_table(rows)
+    print_table([{k: row.get(k, "") for k in ("setting", "n", "saturation", "acc_mean", "seconds")} for row in rows])
 
     inversion = []
     if "inversion" in args.parts:
         inversion = inversion_rows(pipe, args.inversion_n, args.inversion_steps, args.batch_size)
-    print_table(inversion)
+    print_table([{k: row[k] for k in ("images", "method", "n", "psnr_mean", "psnr_std")} for row in inversion])
 
-    payload = dict(benchmark="guidance_quality", environment=environment(), config=config, quality=rows,
-                   inversion=inversion, targets=targets(rows, inversion),
+    prompts = [s.prompt for s in specs]
+    payload = dict(benchmark="guidance_quality", environment=environment(), config=config, stats=STATS,
+                   accuracy_margin=ACCURACY_MARGIN, settings=dict(cfg_scales=args.cfg_scales, lambdas=args.lambdas,
+                                                                  parts=args.parts, batch_size=args.batch_size),
+                   items=dict(prompts=prompts, seeds=list(range(len(specs)))),
+                   quality=rows, inversion=inversion, targets=targets(rows, inversion, prompts),
                    notes=None if classifier is not None else "no oracle: accuracy not measured")
     if grid_columns:
         payload["grid"] = dict(path=str(args.grid), bytes=save_grid(grid_columns, args.grid))
-    print("targets:", payload["targets"])
+    for key, t in payload["targets"].items():
+        print(f"target {key}: {t['difference']:+.4g} {_fmt_ci(t['ci95'])} -> {t['verdict']}")
     name = f"guidance_quality{suffix}.json" if len(args.parts) == 2 else f"guidance_{args.parts[0]}{suffix}.json"
     out = write_json(name, payload)
     if "quality" in args.parts:

@@ -213,6 +213,181 @@ def speed_compile(data: dict) -> str:
     return "\n".join(rows)
 
 
+# -- guidance, DeepCache and pruning quality (issue 16): rates with n and 95% intervals, paired differences --
+
+def _est(value: float, ci=None, scale: float = 1.0, digits: int = 3, unit: str = "", sign: bool = False) -> str:
+    """``value [low, high]`` (``[—]`` where the JSON has no interval)."""
+    f = lambda x: f"{x * scale:{'+' if sign else ''}.{digits}f}"  # noqa: E731
+    return f"{f(value)}{unit} " + (f"[{f(ci[0])}, {f(ci[1])}]" if ci else "[—]")
+
+
+def _share(value: float, ci=None) -> str:
+    return _est(value, ci, 100, 1, "%")
+
+
+def _factor(r, n: int) -> str:
+    """A factor's accuracy: a ``Rate`` JSON with its Wilson interval (its n when it is not the row's), or the
+    bare rate of an old file."""
+    if r is None:
+        return "—"
+    if not isinstance(r, dict):
+        return _share(r)
+    return _share(r["rate"], r["ci95"]) + ("" if r["n"] == n else f" (n={r['n']})")
+
+
+def _caption(data: dict, name: str, settings: str) -> str:
+    """The settings the figures were measured at; for a file from before the per-image outcomes, the stale note."""
+    date = data.get("environment", {}).get("date", "?")[:10]
+    if "stats" not in data:
+        return (f"_stale: measured before intervals, re-run `python -m benchmarks.quality --only {name}`._ "
+                f"{settings}; measured {date}; `—`: not in the JSON.")
+    return (f"{settings}; measured {date}. 95% intervals: Wilson for each factor's rate, a bootstrap over prompts "
+            "for means, a paired bootstrap over the same prompts and seeds for differences.")
+
+
+def _header(*cols: str) -> list[str]:
+    return ["| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+
+
+def _factor_heads(factors: list[str]) -> list[str]:
+    return [f"{f} [95% CI]" for f in factors] + ["mean accuracy [95% CI]"]
+
+
+def _factors(rows: list[dict]) -> list[str]:
+    first = rows[0]
+    if isinstance(first.get("accuracy"), dict) and first["accuracy"]:
+        return list(first.get("rates", first["accuracy"]))
+    return [k[4:] for k in first if k.startswith("acc_") and k not in ("acc_mean", "acc_mean_ci95")]
+
+
+def _accuracy_cells(row: dict, factors: list[str], n: int) -> list[str]:
+    """Each factor's accuracy, then the mean accuracy, of a DeepCache / pruning row (new or old file)."""
+    rates = row.get("rates", row["accuracy"])
+    return [_factor(rates[f], n) for f in factors] + [_share(row["mean_accuracy"], row.get("mean_accuracy_ci95"))]
+
+
+def _change(row: dict, margin: float) -> list[str]:
+    """The change in mean accuracy from the baseline in points, with its paired interval and the verdict."""
+    d = row.get("accuracy_diff")
+    if d is None:
+        return [f"{row['delta_points']:+.1f} [—]", "—"]
+    return [_est(d["difference"], d["ci95"], 100, 1, sign=True), d["verdict"]]
+
+
+def _psnr(row: dict) -> str:
+    return "—" if row["psnr_db"] == float("inf") else _est(row["psnr_db"], row.get("psnr_db_ci95"), 1, 1, " dB")
+
+
+#: how each guidance target reads (JSON key prefix -> words), and how its measure is written
+GUIDANCE_TARGETS = {
+    "apg15_saturation_below_cfg15": "APG 15 less saturated than CFG 15 (difference < 0)",
+    "apg15_accuracy_at_least_cfg15": "APG 15 at least as accurate as CFG 15 (difference >= -{margin} points)",
+    "cfgpp_psnr_above_cfg": "CFG++ 0.6 inverts with a higher PSNR than CFG 7.5, {source} images (difference > 0)",
+}
+
+
+def _guidance_target(data: dict, key: str, t) -> str:
+    """One target row: both settings' figures with their intervals, the paired difference and the verdict."""
+    by = {r["setting"]: r for r in data["quality"]}
+    margin = 100 * data.get("accuracy_margin", 0.02)
+    prefix, _, source = key.partition(" (")
+    source = source[:-1]  # "cfgpp_psnr_above_cfg (own)" -> "own"
+    words = GUIDANCE_TARGETS.get(prefix, key).format(margin=f"{margin:g}", source=source)
+    new = isinstance(t, dict)
+    if prefix == "cfgpp_psnr_above_cfg":
+        inv = {r["method"]: r for r in data["inversion"] if r["images"] == source}
+        a, b = inv["cfgpp_0.6"], inv["cfg_7.5"]
+        cells = [_est(x["psnr_mean"], x.get("psnr_ci95"), 1, 1, " dB") for x in (a, b)]
+        n, diff = a["n"], (t["difference"] if new else a["psnr_mean"] - b["psnr_mean"])
+        dcell = _est(diff, t["ci95"] if new else None, 1, 1, " dB", sign=True)
+    elif prefix == "apg15_saturation_below_cfg15":
+        a, b = by["apg_15"], by["cfg_15"]
+        cells = [_est(x["saturation"], x.get("saturation_ci95")) for x in (a, b)]
+        n, diff = a["n"], (t["difference"] if new else a["saturation"] - b["saturation"])
+        dcell = _est(diff, t["ci95"] if new else None, sign=True)
+    else:
+        a, b = by["apg_15"], by["cfg_15"]
+        cells = [_share(x["acc_mean"], x.get("acc_mean_ci95")) for x in (a, b)]
+        n, diff = a["n"], (t["difference"] if new else a["acc_mean"] - b["acc_mean"])
+        dcell = _est(diff, t["ci95"] if new else None, 100, 1, " points", sign=True)
+    return f"| {words} | {n} | {cells[0]} | {cells[1]} | {dcell} | {t['verdict'] if new else '—'} |"
+
+
+def guidance_quality(data: dict) -> str:
+    """CFG / APG / CFG++ on the same prompts and seeds: saturation and the oracle's accuracy per setting, then
+    the issue's targets as paired differences with verdicts (benchmarks/guidance_quality.py)."""
+    c = data["config"]
+    settings = (f"{c['model']} model, n = {c['n']} prompts (image i: seed i), DDIM {c['steps']} steps, APG eta 0, "
+                f"momentum -0.5, r = {c['norm_threshold']:.2f}; inversion: {c['inversion_n']} images, "
+                f"{c['inversion_steps']} DDIM steps")
+    rows = data["quality"]
+    factors = _factors(rows)
+    out = [_caption(data, "guidance_quality", settings), "",
+           *_header("setting", "n", "saturation [95% CI]", *_factor_heads(factors))]
+    for r in rows:
+        acc = [_factor(r.get("accuracy", {}).get(f, r.get(f"acc_{f}")), r["n"]) for f in factors]
+        acc.append(_share(r["acc_mean"], r.get("acc_mean_ci95")) if "acc_mean" in r else "—")
+        out.append(f"| {r['setting']} | {r['n']} | {_est(r['saturation'], r.get('saturation_ci95'))} | "
+                   + " | ".join(acc) + " |")
+    out += ["", "| target | n | A [95% CI] | B (baseline) [95% CI] | A - B [95% CI] | verdict |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    out += [_guidance_target(data, k, t) for k, t in data.get("targets", {}).items()]
+    return "\n".join(out)
+
+
+def _versus_table(data: dict, name: str, settings: str, lead_heads: tuple, baseline: str, target: str,
+                  margin: float, lead_cells, n_default: int, is_base) -> str:
+    """A quality table of settings against one baseline row measured on the same prompts and seeds: the
+    ``lead_cells(row, base)`` columns, n, PSNR vs the baseline, per-factor rates, the paired change in mean
+    accuracy and its verdict against ``-margin`` points."""
+    rows = data["results"]
+    factors = _factors(rows)
+    out = [_caption(data, name, settings), "",
+           *_header(*lead_heads, "n", f"PSNR vs {baseline} [95% CI]", *_factor_heads(factors),
+                    f"change vs {baseline}, points [95% CI]", f">= -{margin:g} points ({target})")]
+    for r in rows:
+        base = is_base(r)
+        n = r.get("n", n_default)
+        change = ["—", "—"] if base else _change(r, margin)
+        out.append("| " + " | ".join([*lead_cells(r, base), str(n), _psnr(r)]) + " | "
+                   + " | ".join(_accuracy_cells(r, factors, n) + change) + " |")
+    return "\n".join(out)
+
+
+def deepcache_quality(data: dict) -> str:
+    """DeepCache at N = 2/3/5, both schedules, vs no cache on the same prompts and seeds
+    (benchmarks/deepcache_quality.py); issue 5's target: at N = 3 at most 2 points of accuracy lost."""
+    s = data["setting"]
+    settings = (f"n = {s['n_images']} prompts, seed 0 each, DDIM {s['steps']} steps, CFG {s['guidance_scale']:g}, "
+                f"branch {s['branch']}, {s['device']}")
+    return _versus_table(
+        data, "deepcache_quality", settings, ("schedule", "N"), "no cache",
+        f"target at N = {data.get('target_interval', 3)}", 100 * data.get("accuracy_margin", 0.02),
+        lambda r, base: ("—", "1 (no cache)") if base else (r["schedule"], str(r["interval"])),
+        s["n_images"], lambda r: r["config"] == "no-cache",
+    )
+
+
+def pruning_quality(data: dict) -> str:
+    """Learned (and random) masks at 10/20/30% fewer U-Net parameters vs unpruned on the same prompts and seeds
+    (benchmarks/pruning_quality.py); issue 8's target: at 20% at most 3 points of accuracy lost."""
+    s = data["setting"]
+    settings = (f"n = {s['n']} prompts, seed 0 each, {s['steps']} denoising steps, CFG {s['guidance_scale']:g}; "
+                f"masks learned on {s['calib']} prompts, {s['learn_steps']}-step trajectories, {s['epochs']} "
+                f"epoch(s); no retraining; {s['device']}")
+
+    def lead(r, base):
+        if base:
+            return ("none (unpruned)", "—", "—")
+        return (r["masks"], *(f"{-100 * r[k]:+.1f}%" for k in ("param_reduction", "mac_reduction")))
+
+    return _versus_table(
+        data, "pruning_quality", settings, ("masks", "U-Net parameters", "MACs"), "unpruned",
+        f"target at -{data.get('target_reduction', 0.2):.0%}", 100 * data.get("accuracy_margin", 0.03),
+        lead, s["n"], lambda r: r["masks"] == "none",
+    )
+
+
 #: What the GPU suite owes (section -> figures); listed as "owed" while benchmarks/results/gpu_suite.json is absent.
 GPU_OWED = {
     "parity": "CUDA fp16 parity with diffusers: no guidance / CFG / DeepCache N=1, SDPA and xformers",
@@ -281,6 +456,9 @@ TABLES = {
     "speed_cpu": ("speed_cpu.json", speed_cpu),
     "speed_compile": ("speed_cpu.json", speed_compile),
     "gpu_suite": ("gpu_suite.json", gpu_suite),
+    "guidance_quality": ("guidance_quality.json", guidance_quality),
+    "deepcache_quality": ("deepcache_quality.json", deepcache_quality),
+    "pruning_quality": ("pruning_quality.json", pruning_quality),
 }
 #: tables rendered from ``None`` while their results file does not exist yet (what is owed)
 OPTIONAL = {"gpu_suite"}
