@@ -20,7 +20,8 @@ Bi-level adversarial training (paper eq. 5):
 * The first ``warmup_steps`` (reference: 200 of 1000; default: 20% of the job) run without the attack.
 * What trains: the **text encoder** (preset ``text-encoder``: all transformer layers and the final layer
   norm, embeddings frozen), the paper's recommended choice, so the artifact is a plug-and-play text
-  encoder for any pipeline sharing that encoder.
+  encoder for any pipeline sharing that encoder. On SDXL both text encoders train (less what SDXL never
+  reads, see ``diffkit.erasure.selection``) and the prefix is one token in both word-embedding spaces.
 
 One (x_t, t) drawn per outer step serves both the attack and the outer loss (the reference draws a fresh
 x_t for each of its 30 attack steps; one draw is 30x cheaper to sample and keeps the attack aimed at the
@@ -105,6 +106,7 @@ class AdvUnlearn(ErasureMethod):
     name = "advunlearn"
     config_class = AdvUnlearnConfig
     defaults = {"parameters": "text-encoder", "lr": 1e-5, "batch_size": 1}
+    supports_sdxl = True  # the preset covers both SDXL text encoders; the prefix lives in both embedding spaces
 
     @classmethod
     def validate(cls, config) -> None:
@@ -130,7 +132,7 @@ class AdvUnlearn(ErasureMethod):
         """delta* = argmin || eps_theta(x_t, c + delta, t) - eps_orig(x_t, c, t) ||^2 from the current init."""
         c = self.cfg
         if self.prefix is None or c.attack_init == "random":
-            init = random_prefix(ctx.components["text_encoder"], c.prefix_tokens, ctx.rng)
+            init = random_prefix(ctx.prompts, c.prefix_tokens, ctx.rng)
         else:
             init = self.prefix.to(ctx.device)
 

@@ -1,7 +1,7 @@
 """Erasure artifacts: ``erasure.safetensors`` (only the changed tensors) + ``erasure.json`` (sidecar).
 
-Tensors are stored under their qualified names (``unet.<name>`` / ``text_encoder.<name>``) in one of two
-encodings (``sidecar["encoding"]``):
+Tensors are stored under their qualified names (``unet.<name>`` / ``text_encoder.<name>`` / on SDXL
+``text_encoder_2.<name>``) in one of these encodings (``sidecar["encoding"]``):
   * ``dense``: the whole trained tensor (ESD and every method that changes whole tensors);
   * ``lora``: a LoRA-parametrised job's adapters (``parametrization: lora``), kept in diffusers' own LoRA
     file (``pytorch_lora_weights.safetensors``, see ``diffkit.erasure.lora_param``) instead of
@@ -12,9 +12,9 @@ encodings (``sidecar["encoding"]``):
     the paper's 50% density this is 4.125 bytes per 2 weights instead of 8 (int32 indices would be 8).
 
 The sidecar holds the method, concept, anchor, hyper-parameters, seed, metrics and the **base-model
-fingerprint**: per touched component a hash of its architecture config, and per touched tensor the
-SHA-256 of the original values in float32, float16 and bfloat16 (so an artifact trained in float32
-still recognises its base model loaded in half precision). Files are written atomically (temporary
+fingerprint**: per touched component (``text_encoder_2`` included) a hash of its architecture config, and
+per touched tensor the SHA-256 of the original values in float32, float16 and bfloat16 (so an artifact
+trained in float32 still recognises its base model loaded in half precision). Files are written atomically (temporary
 file, then ``os.replace``); the JSON is written last and marks the artifact complete.
 """
 

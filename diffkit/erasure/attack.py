@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..noise import add_noise, prediction_target, training_level
-from .conditioning import PromptEncoder
+from .conditioning import PromptEncoder, refuse_sdxl
 from .fields import check_choice, check_integers, check_number
 from .sampling import ddim_scheduler
 from .unlearndiffatk import UnlearnDiffAtkConfig, unlearndiffatk
@@ -119,9 +119,13 @@ def diffusion_attack_loss(unet, scheduler, target_latents: torch.Tensor, generat
     return loss_fn
 
 
-def random_prefix(text_encoder, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Word embeddings of k random vocabulary tokens (UnlearnDiffAtk starts from random tokens)."""
-    table = text_encoder.get_input_embeddings().weight
+def random_prefix(source, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Word embeddings of k random vocabulary tokens (UnlearnDiffAtk starts from random tokens).
+
+    ``source``: a text encoder, or a :class:`PromptEncoder` (its prefix space: on SDXL both encoders' tables
+    side by side, so each drawn token is that token for both encoders); the same draws either way.
+    """
+    table = source.word_embeddings() if isinstance(source, PromptEncoder) else source.get_input_embeddings().weight
     ids = torch.randint(0, table.shape[0], (k,), generator=generator).to(table.device)
     return table[ids].detach().float()
 
@@ -224,7 +228,8 @@ def soft_prompt_success_rate(
     target_latents: torch.Tensor,
     config: AttackConfig = AttackConfig(),
 ) -> AttackReport:
-    """The soft-prompt attack on every prompt (see :func:`attack_success_rate`)."""
+    """The soft-prompt attack on every prompt (see :func:`attack_success_rate`); SD 1.x/2.x pipelines only."""
+    refuse_sdxl(pipe, "the soft-prompt attack")
     device = pipe.unet.device
     encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, device, cache=False)
     scheduler = ddim_scheduler(pipe.scheduler.config, 1000)

@@ -39,12 +39,12 @@ from ..lifecycle import Touch, features_of
 from ..noise import NoiseLevel, add_noise, prediction_target, training_level
 from .artifact import base_fingerprint, is_complete, read_sidecar, write_artifact, write_lora_artifact
 from .checkpoint import method_state, read_checkpoint, restore_checkpoint, save_checkpoint
-from .conditioning import PromptEncoder
+from .conditioning import is_sdxl, prompt_encoder, unet_kwargs
 from .config import ErasureConfig
 from .lora_param import InjectedLora, LoraParametrization, target_modules
-from .method import get_method
+from .method import METHODS, get_method
 from .sampling import ddim_scheduler, sample_until
-from .selection import components_of, get_parameter, select_parameters
+from .selection import TEXT_ENCODERS, components_of, get_parameter, select_parameters
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -108,16 +108,19 @@ class TrainingContext:
         self.scheduler = ddim_scheduler(pipe.scheduler.config, config.sample_steps)
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.prediction_type = self.scheduler.config.prediction_type
-        self.prompts = PromptEncoder(pipe.tokenizer, pipe.text_encoder, self.device)
         unet = pipe.unet
         side = unet.config.sample_size
+        factor = getattr(pipe, "vae_scale_factor", 8)
         if config.resolution is not None:
-            factor = getattr(pipe, "vae_scale_factor", 8)
             if config.resolution % factor:
                 raise ValueError(f"resolution must be a multiple of the VAE factor {factor}, got {config.resolution}")
             side = config.resolution // factor
         side = side if isinstance(side, int) else side[0]
         self.latent_shape = (unet.config.in_channels, side, side)
+        # SDXL's size conditioning is that of the images trained on (the pipeline's default size unless
+        # ``resolution`` is set), as the pipeline conditions when it generates at that size.
+        self.prompts = prompt_encoder(pipe, self.device, image_size=(side * factor, side * factor))
+        self.text_components = tuple(c for c in TEXT_ENCODERS if c in self.components)
 
     # --- draws (global batch, shared generator) --------------------------------------------------------
     def local(self, x):
@@ -135,6 +138,11 @@ class TrainingContext:
     def _trains(self, component: str) -> bool:
         return any(q.startswith(component + ".") for q in self.trainable)
 
+    def trains_text_encoder(self) -> bool:
+        """Whether any text encoder (SDXL: either of the two) has trained tensors: its conditioning then
+        carries gradients and is never cached."""
+        return any(self._trains(c) for c in self.text_components)
+
     @contextlib.contextmanager
     def _as_original(self):
         if self.pristine:
@@ -147,7 +155,8 @@ class TrainingContext:
                 yield
 
     def embed(self, prompts: list[str], *, original: bool = False, prefix: torch.Tensor | None = None):
-        """(B, L, D) conditioning; with gradients only where the text encoder trains (or a prefix is given).
+        """(B, L, D) conditioning (SDXL: an ``XLConditioning``, see ``diffkit.erasure.conditioning``); with
+        gradients only where a text encoder trains (or a prefix is given).
 
         The prompt cache only ever holds the *original* encoder's values: a frozen encoder's, or the
         original's (``original=True``); a training encoder is always re-run (its values change each step).
@@ -155,25 +164,28 @@ class TrainingContext:
         if original:
             with torch.no_grad(), self._as_original():
                 return self.prompts.encode(prompts, prefix)
-        if not self._trains("text_encoder") and prefix is None:
+        if not self.trains_text_encoder() and prefix is None:
             with torch.no_grad():
                 return self.prompts.encode(prompts)
         # DDP only for passes whose backward updates the trained weights (an attack's prefix gradient does not).
-        encoder = self.wrapped["text_encoder"] if torch.is_grad_enabled() and prefix is None else None
+        ddp = torch.is_grad_enabled() and prefix is None
+        encoders = tuple(self.wrapped[c] for c in self.text_components) if ddp else None
         with self.accelerator.autocast():
-            return self.prompts.encode(prompts, prefix, encoder=encoder, cache=False).float()
+            return self.prompts.encode(prompts, prefix, encoders=encoders, cache=False).float()
 
     def predict(self, latents, timesteps, embeds, *, original: bool = False, wrapped: bool = True):
-        """U-Net output in float32. ``original``: the frozen model (no gradients). ``wrapped=False``
-        bypasses DDP: use it for every forward pass whose backward does not update the trained weights
-        (no-grad predictions, an attack's inner loop); DDP expects one forward per ``backward``."""
+        """U-Net output in float32 for the conditioning ``embeds`` (from :meth:`embed`; SDXL's extra
+        conditioning rides along, see ``diffkit.erasure.conditioning.unet_kwargs``). ``original``: the
+        frozen model (no gradients). ``wrapped=False`` bypasses DDP: use it for every forward pass whose
+        backward does not update the trained weights (no-grad predictions, an attack's inner loop); DDP
+        expects one forward per ``backward``."""
         timesteps = timesteps.to(self.device)
         if original:
             with torch.no_grad(), self._as_original(), self.accelerator.autocast():
-                return self.components["unet"](latents, timesteps, encoder_hidden_states=embeds).sample.float()
+                return self.components["unet"](latents, timesteps, **unet_kwargs(embeds)).sample.float()
         module = self.wrapped["unet"] if wrapped and torch.is_grad_enabled() else self.components["unet"]
         with self.accelerator.autocast():
-            return module(latents, timesteps, encoder_hidden_states=embeds).sample.float()
+            return module(latents, timesteps, **unet_kwargs(embeds)).sample.float()
 
     def sample(self, prompts: list[str], stop: torch.Tensor, noise: torch.Tensor, guidance: float | None = None):
         """ESD's x_t: the original model's guided DDIM run from ``noise`` for ``stop[i]`` steps; (x_t, t)."""
@@ -218,17 +230,34 @@ class ErasureResult:
     resumed_from: int | None = None
 
 
-def _check_pipeline(pipe) -> None:
-    missing = [c for c in ("unet", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, c, None) is None]
+def _check_pipeline(pipe, config: ErasureConfig) -> None:
+    """Refuse a pipeline the engine cannot condition, and SDXL jobs whose method or feature does not run there."""
+    needed = ("unet", "text_encoder", "tokenizer", "scheduler") + (("tokenizer_2",) if is_sdxl(pipe) else ())
+    missing = [c for c in needed if getattr(pipe, c, None) is None]
     if missing:
         raise ValueError(f"erasure needs a pipeline with {', '.join(missing)}; {type(pipe).__name__} lacks them")
-    if getattr(pipe, "text_encoder_2", None) is not None or pipe.unet.config.get("addition_embed_type"):
-        raise ValueError("erasure supports SD 1.x/2.x pipelines (one text encoder); "
-                         f"{type(pipe).__name__} has extra conditioning (SDXL) and is not supported yet")
+    extra = pipe.unet.config.get("addition_embed_type")
+    if (extra, is_sdxl(pipe)) not in ((None, False), ("text_time", True)):
+        raise ValueError(f"erasure supports SD 1.x/2.x and SDXL pipelines; {type(pipe).__name__} (text_encoder_2: "
+                         f"{is_sdxl(pipe)}) has a U-Net with addition_embed_type={extra!r}, which is not supported")
+    if is_sdxl(pipe):
+        _check_sdxl_job(config)
     if not hasattr(pipe, "register_erasure"):
         raise ValueError(f"erasure needs a diffkit pipeline (diffkit.to_diffkit(pipe)); got {type(pipe).__name__}")
     if getattr(pipe, "loaded_erasures", None):
         raise ValueError("this pipeline has erasures loaded; call pipe.unload_erasure() before training a new one")
+
+
+def _check_sdxl_job(config: ErasureConfig) -> None:
+    """Refuse on SDXL what is written for one text encoder: methods without ``supports_sdxl``, LoRA jobs."""
+    method = get_method(config.method)
+    if not method.supports_sdxl:
+        supported = sorted(name for name, cls in METHODS.items() if cls.supports_sdxl)
+        raise ValueError(f"method {config.method!r} does not support SDXL pipelines (text_encoder_2) yet; on SDXL "
+                         f"use one of {supported}")
+    if config.parametrization == "lora":
+        raise ValueError("parametrization 'lora' does not support SDXL pipelines yet (its diffusers LoRA file is "
+                         "written for one text encoder); use parametrization 'full'")
 
 
 def _checkpointing(module) -> bool:
@@ -272,7 +301,7 @@ def _erase(pipe, config: ErasureConfig, out: str | Path, *, accelerator=None, pr
         pipe.load_erasure(out)  # also checks that the finished artifact belongs to this base model
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)  # left over by a kill after the artifact
         return ErasureResult(out, side, "skipped")
-    _check_pipeline(pipe)
+    _check_pipeline(pipe, config)
     acc = accelerator or make_accelerator(config.mixed_precision)
     if acc.mixed_precision != config.mixed_precision:
         raise ValueError(f"mixed_precision={config.mixed_precision!r} but the accelerator runs "

@@ -68,6 +68,7 @@ class ESD(ErasureMethod):
     name = "esd"
     config_class = ESDConfig
     defaults = {"parameters": "esd-x", "lr": 1e-5, "batch_size": 1}
+    supports_sdxl = True
 
     def loss(self, ctx):
         prompts, x_t, t, _, target = esd_batch(ctx, self.config, self.cfg.eta)

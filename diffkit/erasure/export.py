@@ -1,4 +1,5 @@
-"""Export a full-rank erasure artifact as plain diffusers components: ``unet/`` and/or ``text_encoder/``.
+"""Export a full-rank erasure artifact as plain diffusers components: ``unet/`` and/or ``text_encoder/``
+(and ``text_encoder_2/`` for an SDXL artifact that patches it).
 
 ``export_erasure(pipe, artifact, out)`` loads the artifact onto the base pipeline with diffkit's own
 loader (the base-model fingerprint is checked first, as ``load_erasure`` does), writes every component it

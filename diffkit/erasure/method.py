@@ -84,6 +84,9 @@ class ErasureMethod:
     supports_lora: ClassVar[bool] = True
     #: Why not, when ``supports_lora`` is False (the error message's reason).
     lora_refusal: ClassVar[str] = ""
+    #: Whether the method runs on SDXL pipelines (two text encoders, size conditioning): true for methods
+    #: that reach the models only through ``ctx.embed`` / ``ctx.predict`` and were checked there.
+    supports_sdxl: ClassVar[bool] = False
 
     @classmethod
     def revision_for(cls, config) -> int:

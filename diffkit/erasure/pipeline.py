@@ -1,7 +1,7 @@
 """Erasure as a lifecycle feature, and the pipeline verbs ``load_erasure`` / ``unload_erasure``.
 
 The feature kind ``"erasure"`` (stage "weights"; several at once on disjoint tensors) copies an
-artifact's tensors into the pipeline's own parameters (U-Net and/or text encoder) after keeping a clone
+artifact's tensors into the pipeline's own parameters (U-Net and/or text encoders) after keeping a clone
 of what they replace; detaching copies those clones back, so the pipeline is bit-identical to before.
 
 Loading is all-or-nothing: the artifact is read and checked whole (shapes, base model, overlaps)

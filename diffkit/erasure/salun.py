@@ -98,6 +98,7 @@ class SalUn(ErasureMethod):
     config_class = SalUnConfig
     defaults = {"parameters": "unet-all", "lr": 1e-5, "batch_size": 8}
     needs_original = False  # its targets are the current model's own predictions
+    supports_sdxl = True
     supports_lora = False
     lora_refusal = ("its saliency mask confines the update to single weights, which a low-rank B A does not "
                     "respect; use parametrization 'full'")

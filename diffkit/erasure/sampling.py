@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 from diffusers import DDIMScheduler
 
+from .conditioning import concat
+
 
 def ddim_scheduler(config, steps: int) -> DDIMScheduler:
     """A DDIM scheduler with the pipeline's noise schedule, set to ``steps`` inference steps."""
@@ -32,15 +34,16 @@ def sample_until(
     predict: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     scheduler: DDIMScheduler,
     noise: torch.Tensor,
-    cond: torch.Tensor,
-    uncond: torch.Tensor,
+    cond,
+    uncond,
     stop: torch.Tensor,
     guidance: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run DDIM with guidance ``guidance`` until each element i has taken ``stop[i]`` steps.
 
-    predict(latents, timesteps (B,), embeddings) -> model output. Returns (x, t): the latents and the
-    timestep they sit at (``timesteps[stop]``; for stop == len(timesteps), 0 and clean latents).
+    predict(latents, timesteps (B,), conditioning) -> model output; ``cond`` / ``uncond``: conditionings of
+    ``diffkit.erasure.conditioning`` (a tensor, or SDXL's ``XLConditioning``). Returns (x, t): the latents and
+    the timestep they sit at (``timesteps[stop]``; for stop == len(timesteps), 0 and clean latents).
     """
     timesteps = scheduler.timesteps
     n = len(timesteps)
@@ -49,7 +52,7 @@ def sample_until(
         raise ValueError(f"stop indices must be in [0, {n}] with one per latent, got {stop.tolist()}")
     x = noise * scheduler.init_noise_sigma
     out = x.clone()
-    emb = torch.cat([uncond, cond])
+    emb = concat([uncond, cond])
     for i in range(int(stop.max())):
         t = timesteps[i]
         tt = torch.full((2 * x.shape[0],), int(t), device=x.device, dtype=torch.long)

@@ -1,6 +1,7 @@
 """Which parameters an erasure trains: named presets (from the papers' reference code) or regexes.
 
-Names are qualified by component: ``unet.<name>`` and ``text_encoder.<name>``, the keys artifacts use.
+Names are qualified by component: ``unet.<name>``, ``text_encoder.<name>`` and (SDXL) ``text_encoder_2.<name>``,
+the keys artifacts use.
 
 ESD's reference code (rohitgandikota/erasing, ``get_esd_trainable_parameters``) selects every
 ``Linear``/``Conv2d`` module by module name:
@@ -9,7 +10,9 @@ ESD's reference code (rohitgandikota/erasing, ``get_esd_trainable_parameters``) 
   * ``esd-u``        every Linear/Conv2d outside ``attn2`` (norm layers are not trained);
   * ``esd-all``      every Linear/Conv2d.
 SalUn's candidates are all U-Net weights (``unet-all``); its saliency mask then narrows them.
-``text-encoder`` is every text-encoder weight except the embeddings (AdvUnlearn's recommended choice).
+``text-encoder`` is every text-encoder weight except the embeddings (AdvUnlearn's recommended choice); on
+SDXL it covers both text encoders, less what SDXL never reads: ``text_encoder``'s last layer and final
+layer norm (its conditioning is the penultimate hidden state), which could receive no gradient.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import re
 
 import torch
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: The text encoders, in the order the prompt encoder runs them (``text_encoder_2``: SDXL only).
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 _LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
 
 
@@ -30,15 +35,30 @@ def _module_params(module: torch.nn.Module, keep) -> list[str]:
     return names
 
 
+def _sdxl_unread(component: str, module: torch.nn.Module, components) -> tuple[str, ...]:
+    """Name prefixes of ``component``'s tensors that SDXL's conditioning never reads: ``text_encoder``'s last
+    layer and final layer norm (``encode_prompt`` takes its penultimate hidden state), when SDXL."""
+    if component != "text_encoder" or "text_encoder_2" not in components:
+        return ()
+    last = int(module.config.num_hidden_layers) - 1
+    return (f"encoder.layers.{last}.", "final_layer_norm.")
+
+
+def _text_encoder_params(component: str, module: torch.nn.Module, components) -> list[str]:
+    unread = _sdxl_unread(component, module, components)
+    return [n for n, _ in module.named_parameters()
+            if "embeddings" not in n and not any(u in n for u in unread)]
+
+
+# preset -> (the components it selects from, the first required; names within one component)
 PRESETS = {
-    "esd-x": lambda c: _module_params(c["unet"], lambda n: "attn2" in n),
-    "esd-x-strict": lambda c: _module_params(c["unet"], lambda n: "attn2.to_k" in n or "attn2.to_v" in n),
-    "esd-u": lambda c: _module_params(c["unet"], lambda n: "attn2" not in n),
-    "esd-all": lambda c: _module_params(c["unet"], lambda n: True),
-    "unet-all": lambda c: [n for n, _ in c["unet"].named_parameters()],
-    "text-encoder": lambda c: [n for n, _ in c["text_encoder"].named_parameters() if "embeddings" not in n],
+    "esd-x": (("unet",), lambda c, m, cs: _module_params(m, lambda n: "attn2" in n)),
+    "esd-x-strict": (("unet",), lambda c, m, cs: _module_params(m, lambda n: "attn2.to_k" in n or "attn2.to_v" in n)),
+    "esd-u": (("unet",), lambda c, m, cs: _module_params(m, lambda n: "attn2" not in n)),
+    "esd-all": (("unet",), lambda c, m, cs: _module_params(m, lambda n: True)),
+    "unet-all": (("unet",), lambda c, m, cs: [n for n, _ in m.named_parameters()]),
+    "text-encoder": (TEXT_ENCODERS, _text_encoder_params),
 }
-_PRESET_COMPONENT = {k: ("text_encoder" if k == "text-encoder" else "unet") for k in PRESETS}
 
 
 def components_of(pipe) -> dict[str, torch.nn.Module]:
@@ -51,12 +71,13 @@ def select_parameters(components: dict[str, torch.nn.Module], spec) -> dict[str,
     if isinstance(spec, str):
         if spec not in PRESETS:
             raise ValueError(f"parameters must be one of {sorted(PRESETS)} or a list of regexes, got {spec!r}")
-        comp = _PRESET_COMPONENT[spec]
-        if comp not in components:
-            raise ValueError(f"parameters preset {spec!r} needs a {comp}, which this pipeline lacks")
-        params = dict(components[comp].named_parameters())
-        names = [f"{comp}.{n}" for n in PRESETS[spec](components)]
-        selected = {q: params[q.split(".", 1)[1]] for q in names}
+        comps, names_of = PRESETS[spec]
+        if comps[0] not in components:
+            raise ValueError(f"parameters preset {spec!r} needs a {comps[0]}, which this pipeline lacks")
+        selected = {}
+        for comp in (c for c in comps if c in components):
+            params = dict(components[comp].named_parameters())
+            selected.update({f"{comp}.{n}": params[n] for n in names_of(comp, components[comp], components)})
     else:
         regexes = [re.compile(p) for p in spec]
         selected = {}
@@ -74,7 +95,8 @@ def select_parameters(components: dict[str, torch.nn.Module], spec) -> dict[str,
 def split_name(qualified: str) -> tuple[str, str]:
     comp, _, name = qualified.partition(".")
     if comp not in COMPONENTS or not name:
-        raise ValueError(f"tensor name {qualified!r} must start with one of {COMPONENTS}")
+        raise ValueError(f"tensor name {qualified!r} must start with one of {COMPONENTS[:2]} (or "
+                         f"{COMPONENTS[2]!r} on SDXL)")
     return comp, name
 
 

@@ -141,7 +141,7 @@ def backward_reduced(ctx, loss: torch.Tensor) -> None:
 
 def embed_unwrapped(ctx, prompts: list[str], prefix: torch.Tensor | None = None) -> torch.Tensor:
     """Conditioning from the trained text encoder without DDP (gradients flow where it trains)."""
-    if not ctx._trains("text_encoder") and prefix is None:
+    if not ctx.trains_text_encoder() and prefix is None:
         with torch.no_grad():
             return ctx.prompts.encode(prompts)
     with ctx.accelerator.autocast():

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from ..noise import add_noise, prediction_target, training_level
-from .conditioning import PromptEncoder
+from .conditioning import PromptEncoder, refuse_sdxl
 from .fields import check_choice, check_integers, check_number, check_seed
 
 RELAXATIONS = ("simplex", "nearest")
@@ -228,7 +228,9 @@ def unlearndiffatk(
 ) -> UnlearnDiffAtkResult:
     """Attack one prompt on (erased) ``pipe``. target_latents: (1, C, h, w) latents of a concept image made
     by the original model. judge(images (B, 3, H, W) in [0, 1]) -> one bool per image (concept shown?).
-    The U-Net and text encoder are frozen for the attack and their ``requires_grad`` flags restored after."""
+    The U-Net and text encoder are frozen for the attack and their ``requires_grad`` flags restored after.
+    SD 1.x/2.x pipelines only (its relaxation is over one text encoder's vocabulary table)."""
+    refuse_sdxl(pipe, "UnlearnDiffAtk")
     tok, te, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
     device = unet.device
     seed = config.seed + index

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ...noise import add_noise, training_level
+from ..conditioning import concat, prompt_encoder, unet_kwargs
 from ..fields import check_integers, check_number, check_seed
 from ..sampling import cfg, ddim_scheduler
 from .report import ProbeReport
@@ -50,16 +51,6 @@ class CompletionConfig:
         check_integers(self, ("num_inference_steps",))
         check_number(self, "guidance_scale")
         check_seed(self)
-
-
-def _encode(pipe, prompts: list[str]) -> torch.Tensor:
-    tok = pipe.tokenizer
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-    kwargs = {}
-    if getattr(pipe.text_encoder.config, "use_attention_mask", False):
-        kwargs["attention_mask"] = (ids != tok.pad_token_id).long()
-    return pipe.text_encoder(ids, **kwargs)[0]
 
 
 @torch.no_grad()
@@ -90,16 +81,17 @@ def complete_from(
     x0 = x0.to(device=device, dtype=torch.float32)
     noise = noise.to(x0)
     b = x0.shape[0]
-    cond = _encode(pipe, [prompt] * b)
-    uncond = _encode(pipe, [""] * b)
-    emb = torch.cat([uncond, cond]).to(dtype)
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    encoder = prompt_encoder(pipe, pipe.text_encoder.device, cache=False,
+                             image_size=(x0.shape[-2] * factor, x0.shape[-1] * factor))
+    emb = concat([encoder.encode([""] * b), encoder.encode([prompt] * b)]).to(dtype)
     alphas = sched.alphas_cumprod
     x = add_noise(x0, noise, training_level(alphas, timesteps[:1].expand(b))) if len(timesteps) else x0.clone()
     if mask is not None:
         mask = mask.to(x0)
     for i, t in enumerate(timesteps):
         tt = torch.full((2 * b,), int(t), device=device, dtype=torch.long)
-        pred_u, pred_c = unet(torch.cat([x, x]).to(dtype), tt, encoder_hidden_states=emb).sample.float().chunk(2)
+        pred_u, pred_c = unet(torch.cat([x, x]).to(dtype), tt, **unet_kwargs(emb)).sample.float().chunk(2)
         x = sched.step(cfg(pred_u, pred_c, guidance_scale), t, x).prev_sample
         if mask is not None:
             nxt = timesteps[i + 1] if i + 1 < len(timesteps) else None
