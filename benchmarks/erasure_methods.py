@@ -15,8 +15,11 @@ the fast one-step sign attack — the CPU budget does not allow 30 attack steps 
 the steps, concept-preserving gradient against prior preservation on the same retain prompts). Step
 counts, learning rates and image counts are flags; the values used are recorded in the JSON.
 
-Targets (issue 7): AdvUnlearn's ASR <= half of ESD's; DoCo's synonym UA > ESD's; both keep IRA and CRA
-within 5 points of ESD's.
+Targets (issues 7, 17), each judged on a 95% interval (``check_targets``; met / missed / not resolved at this
+n): AdvUnlearn's UnlearnDiffAtk success <= half of ESD's (bootstrap over the attack prompts of
+ASR_adv - 0.5 ASR_esd); DoCo's synonym UA >= ESD's + 5 points where ESD's is below 95%; SalUn's IRA and CRA
+>= ESD's (paired bootstraps over the same images); every method's UA >= 90% on the forget words, IRA >= 80%,
+CRA >= 90%. The table is ``benchmarks/report.py``'s ``erasure_methods``.
 
     python benchmarks/erasure_methods.py              # reference model -> results/erasure_methods.json
     python benchmarks/erasure_methods.py --smoke      # tiny random pipeline + untrained oracle: logic only
@@ -25,21 +28,21 @@ within 5 points of ESD's.
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, write_json  # noqa: E402
 from erasure_quality import (  # noqa: E402  (part 1)
+    asr_half_target,
+    bar_target,
     job_config,
+    not_applicable,
+    paired_target,
     parse_and_load,
     protocol_parser,
-    run_jobs,
-    save_grid,
+    run_and_write,
 )
-from erasure_quality import markdown_table as part1_table  # noqa: E402
 
 from diffkit.erasure import ErasureConfig  # noqa: E402
 
@@ -87,25 +90,39 @@ def training_state_bytes(metrics: dict, method: str) -> int:
     return n * 4 * 3 + extra + 16 * metrics.get("discriminator_weights", 0)
 
 
-def check_targets(rows: list[dict], concepts) -> dict:
+#: Issue 17's bars, for every method: (rate, bar).
+BARS = (("ua", 0.90), ("ira", 0.80), ("cra", 0.90))
+#: DoCo's synonym target applies where ESD's synonym UA (point estimate) is below this (else: no headroom).
+DOCO_HEADROOM = 0.95
+
+
+def check_targets(rows: list[dict], details: dict, concepts) -> dict:
+    """Issue 17's targets per concept, each judged on an interval: AdvUnlearn's ASR <= half of ESD's (bootstrap
+    over the attack prompts of ASR_adv - 0.5 ASR_esd); DoCo's synonym UA >= ESD's + 5 points where ESD's is below
+    95%, SalUn's IRA and CRA >= ESD's (paired bootstraps over the same images); every method's UA >= 90%, IRA >=
+    80%, CRA >= 90% (Wilson; CRA: bootstrap over images)."""
     out = {}
     for concept in concepts:
         by = {r["method"]: r for r in rows if r["concept"] == concept}
         t = {}
-        if "esd" in by and "advunlearn" in by:
-            t["advunlearn_asr_le_half_esd"] = by["advunlearn"]["asr"] <= 0.5 * by["esd"]["asr"]
-        if "esd" in by and "doco" in by:
-            t["doco_synonym_ua_gt_esd"] = by["doco"]["ua_synonyms"] > by["esd"]["ua_synonyms"]
-        for m in ("advunlearn", "doco"):
-            if "esd" in by and m in by:
-                t[f"{m}_ira_within_5pt"] = by[m]["ira"] >= by["esd"]["ira"] - 0.05
-                t[f"{m}_cra_within_5pt"] = by[m]["cra"] >= by["esd"]["cra"] - 0.05
+        if {"esd", "advunlearn"} <= set(by):
+            t["advunlearn_asr_le_half_esd"] = asr_half_target(details, concept, "advunlearn", "esd")
+        if {"esd", "doco"} <= set(by):
+            esd = by["esd"]["ua_synonyms"]
+            t["doco_synonym_ua_ge_esd_5pt"] = (
+                paired_target(details, concept, "doco", "esd", "ua_synonyms", 0.05) if esd < DOCO_HEADROOM else
+                not_applicable("DoCo UA synonym >= ESD's + 5 points (DoCo - ESD, paired)",
+                               f"no headroom: ESD's is {100 * esd:.1f}% (>= {100 * DOCO_HEADROOM:g}%)"))
+        if {"esd", "salun"} <= set(by):
+            for key in ("ira", "cra"):
+                t[f"salun_{key}_ge_esd"] = paired_target(details, concept, "salun", "esd", key)
+        for m in METHODS:
+            for key, bar in BARS:
+                if m in by:
+                    t[f"{m}_{key}_ge_{100 * bar:g}"] = bar_target(by[m], key, bar)
         out[concept] = t
     return out
 
-
-def markdown_table(rows: list[dict]) -> str:
-    return part1_table(rows, tail=(("state MiB", "{state_mib:.1f}"), ("peak RSS GiB", "{peak_rss_gib:.2f}")))
 
 def add_advunlearn_flags(ap) -> None:
     """AdvUnlearn's training flags (``method_config`` reads them); shared with ``erasure_lora.py``."""
@@ -130,30 +147,7 @@ def main(argv=None) -> int:
     original, erased, oracle = models
     for p in (original, erased):
         p.to(dtype=torch.float32)  # a folder given by --model may hold half-precision weights
-    name = f"erasure_methods{'_smoke' if args.smoke else ''}{args.tag}.json"
-
-    def write_partial(rows, details):  # an interrupted run still leaves the figures of its finished jobs
-        write_json(name, dict(benchmark="erasure_methods", smoke=args.smoke, complete=False, environment=environment(),
-                              setting=dict(vars(args)), results=rows, targets=check_targets(rows, args.concepts),
-                              details=details))
-
-    rows, details, grid_rows, grid_labels = run_jobs(args, original, erased, oracle, method_config,
-                                                     training_state_bytes, after_job=write_partial)
-    print_table(rows)
-    print(markdown_table(rows))
-    targets_met = check_targets(rows, args.concepts)
-    print("targets:", targets_met)
-    cols = [f"{who}: {what}" for who in ["original", *args.methods] for what in ("forget", "synonym", "retain")]
-    grid_path = Path(tempfile.gettempdir()) / f"erasure_methods_grid{args.tag}.png" if args.smoke or args.tag else GRID
-    grid_bytes = save_grid(grid_rows, grid_labels, cols, grid_path)
-    payload = dict(benchmark="erasure_methods", smoke=args.smoke, complete=True, environment=environment(),
-                   setting={k: v for k, v in vars(args).items()}, results=rows, targets=targets_met,
-                   grid=dict(path=str(grid_path.relative_to(ROOT)) if grid_path == GRID else str(grid_path),
-                             bytes=grid_bytes, columns=cols, rows=grid_labels),
-                   details=details)
-    path = write_json(name, payload)
-    print(f"wrote {path} and {grid_path} ({grid_bytes} bytes)")
-    return 0
+    return run_and_write(args, models, "erasure_methods", method_config, training_state_bytes, check_targets, GRID)
 
 
 if __name__ == "__main__":

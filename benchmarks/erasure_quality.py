@@ -19,7 +19,10 @@ with the oracle (``diffkit.evaluation.erasure_report``):
 
 ESD uses anchor "" (the paper's equation) and eta 1; SalUn maps the concept to the next concept of the
 same factor (the reference code's "next class" substitute) with beta 0.5 on retain prompts of the
-other concepts. Targets (issue 6): UA >= 95% on forget words; SalUn's IRA and CRA at least ESD's.
+other concepts. Targets (issue 6), judged on 95% intervals (``quality_targets``): UA >= 95% on forget words
+(Wilson); SalUn's IRA and CRA at least ESD's (paired bootstrap over the same images). Every rate is stored with
+its n and interval, the per-image outcomes in ``details``; the table is ``benchmarks/report.py``'s
+``erasure_quality`` (with the original model's rows, measured on the same prompts and seeds).
 
     python benchmarks/erasure_quality.py              # reference model -> results/erasure_quality.json + grid
     python benchmarks/erasure_quality.py --smoke      # tiny random pipeline + untrained oracle: logic only
@@ -212,9 +215,130 @@ def parse_and_load(ap, argv, script: str):
         return args, None
 
 
+# -- n and 95% intervals of every rate, per-image comparisons and the targets (issues 16, 17) -------------------
+
+#: Recorded in each erasure JSON whose rows carry n and intervals (benchmarks/report.py renders files without it as
+#: stale); ``asr_half``: how "AdvUnlearn's ASR <= half of ESD's" is judged.
+STATS = dict(confidence=0.95, rates="Wilson score interval (UA, UA synonym, IRA, attack and probe rates)",
+             cra="percentile bootstrap over images (2000 resamples) of the pooled share of other factors read right",
+             differences="paired bootstrap over the same images (prompts x seeds), 2000 resamples",
+             asr_half="paired bootstrap over the attack prompts of ASR_adv - 0.5 ASR_esd (target <= 0)")
+#: The rates of an erasure report, each with its n and interval in the rows.
+RATES = ("ua", "ua_synonyms", "ira", "cra")
+NAMES = {"esd": "ESD", "salun": "SalUn", "advunlearn": "AdvUnlearn", "doco": "DoCo", "original": "original"}
+WORDS = {"ua": "UA forget", "ua_synonyms": "UA synonym", "ira": "IRA", "cra": "CRA"}
+
+
+def rate_columns(name: str, r) -> dict:
+    """A :class:`diffkit.evaluation.Rate` as flat row fields: ``name``, ``name_ci95``, ``name_n``."""
+    return {name: r.value, f"{name}_ci95": [r.low, r.high], f"{name}_n": r.n}
+
+
+def _pairs(outcomes: dict, key: str) -> np.ndarray:
+    """Per image (correct, scored) of ``key``: UA / IRA hits as (h, 1), (0, 0) where not scored; CRA as stored."""
+    if key == "cra":
+        return np.asarray(outcomes[key], dtype=np.float64).reshape(-1, 2)
+    return np.array([(0, 0) if h is None else (h, 1) for h in outcomes[key]], dtype=np.float64).reshape(-1, 2)
+
+
+def rate_fields(report: dict) -> dict:
+    """The rows' fields for an ``erasure_report``: the images of each group (``n_images``), and of each rate its
+    n (images scored) and 95% interval (``report["ci95"]``: Wilson; CRA bootstrapped over images)."""
+    out = {"n_images": report["n_images"]}
+    for key in RATES:
+        out[f"{key}_n"] = int((_pairs(report["outcomes"], key)[:, 1] > 0).sum())
+        if key in report["ci95"]:
+            out[f"{key}_ci95"] = list(report["ci95"][key])
+    return out
+
+
+def paired_rate_difference(a: dict, b: dict, key: str) -> dict:
+    """rate_A - rate_B of ``key`` (UA, UA synonym, IRA, CRA) from two reports' per-image ``outcomes`` on the same
+    prompts and seeds, over the images both score, with the paired bootstrap interval (the images resampled
+    together): the per-image differences for UA / IRA, the difference of the pooled CRA shares for CRA.
+    JSON: {"difference", "ci95", "n"}; None where no image is scored by both."""
+    from diffkit.evaluation import bootstrap_interval, paired_difference
+
+    pa, pb = _pairs(a, key), _pairs(b, key)
+    keep = (pa[:, 1] > 0) & (pb[:, 1] > 0)
+    pa, pb = pa[keep], pb[keep]
+    if not len(pa):
+        return None
+    if key != "cra":
+        return paired_difference(pa[:, 0], pb[:, 0]).to_json()
+
+    def diff(ix):
+        ix = ix.astype(int)
+        return pa[ix, 0].sum() / pa[ix, 1].sum() - pb[ix, 0].sum() / pb[ix, 1].sum()
+
+    index = np.arange(len(pa), dtype=np.float64)
+    return {"difference": float(diff(index)), "ci95": list(bootstrap_interval(index, diff)), "n": len(pa)}
+
+
+def _judged(entry: dict, label: str, target: float, direction: str, kind: str) -> dict:
+    from diffkit.evaluation import verdict
+
+    lo, hi = entry["ci95"]
+    return dict(label=label, kind=kind, **entry, target=f"{direction} {target:g}",
+                verdict=verdict(lo, hi, target, direction))
+
+
+def bar_target(row: dict, key: str, bar: float) -> dict:
+    """A row's rate against a bar, judged on its interval."""
+    label = f"{NAMES.get(row['method'], row['method'])} {WORDS[key]} >= {100 * bar:g}%"
+    if row.get(f"{key}_ci95") is None:
+        return not_applicable(label, "no image scored")
+    return _judged(dict(estimate=row[key], ci95=row[f"{key}_ci95"], n=row[f"{key}_n"]), label, bar, ">=", "rate")
+
+
+def paired_target(details: dict, concept: str, a: str, b: str, key: str, margin: float = 0.0) -> dict:
+    """Method ``a``'s rate ``key`` at least ``b``'s + ``margin``, judged on the paired interval of the difference."""
+    d = paired_rate_difference(details[f"{a}-{concept}"]["report"]["outcomes"],
+                               details[f"{b}-{concept}"]["report"]["outcomes"], key)
+    plus = f" + {100 * margin:g} points" if margin else ""
+    label = f"{NAMES[a]} {WORDS[key]} >= {NAMES[b]}'s{plus} ({NAMES[a]} - {NAMES[b]}, paired)"
+    if d is None:
+        return not_applicable(label, "no image scored by both")
+    return _judged(dict(estimate=d["difference"], ci95=d["ci95"], n=d["n"]), label, margin, ">=", "difference")
+
+
+def asr_half_target(details: dict, concept: str, a: str, b: str) -> dict:
+    """``a``'s attack success at most half of ``b``'s (UnlearnDiffAtk where it ran, else the first attack), judged
+    on the bootstrap over the attack prompts (both methods attacked on the same prompts) of
+    mean(hit_a - 0.5 hit_b) = ASR_a - 0.5 ASR_b against 0."""
+    from diffkit.evaluation import paired_difference
+
+    attacks = details[f"{a}-{concept}"]["attack"]
+    name = "unlearndiffatk" if "unlearndiffatk" in attacks else next(iter(attacks))
+    ha = [float(h) for h in attacks[name]["success"]]
+    hb = [0.5 * float(h) for h in details[f"{b}-{concept}"]["attack"][name]["success"]]
+    d = paired_difference(ha, hb).to_json()
+    label = f"{NAMES[a]} {name} ASR <= half of {NAMES[b]}'s (ASR_{a} - 0.5 ASR_{b} <= 0)"
+    return _judged(dict(estimate=d["difference"], ci95=d["ci95"], n=d["n"]), label, 0.0, "<=", "difference")
+
+
+def not_applicable(label: str, reason: str) -> dict:
+    return dict(label=label, kind="n/a", verdict="n/a", reason=reason)
+
+
+def quality_targets(rows: list[dict], details: dict, concepts) -> dict:
+    """Issue 6's targets per concept: each method's UA on the forget words >= 95%; SalUn's IRA and CRA at least
+    ESD's (paired)."""
+    out = {}
+    for concept in concepts:
+        by = {r["method"]: r for r in rows if r["concept"] == concept}
+        t = {f"{m}_ua_ge_95": bar_target(by[m], "ua", 0.95) for m in by}
+        if {"esd", "salun"} <= set(by):
+            for key in ("ira", "cra"):
+                t[f"salun_{key}_ge_esd"] = paired_target(details, concept, "salun", "esd", key)
+        out[concept] = t
+    return out
+
+
 def robustness(args, erased, prompts, judge, score, targets) -> dict:
     """Each attack of ``args.attack`` and probe of ``args.probes`` on ``erased``: {"asr", "pre_attack" (the first
-    attack's), "columns" (per attack / probe: rate and 95% Wilson interval, flat for the rows), "details"}."""
+    attack's), "columns" (per attack / probe, and the first attack's pre-attack rate: rate, n and 95% Wilson
+    interval, flat for the rows, :func:`rate_columns`), "details" (per prompt hits included)}."""
     from diffkit.evaluation.stats import rate
 
     columns, details, first = {}, {}, None
@@ -227,10 +351,12 @@ def robustness(args, erased, prompts, judge, score, targets) -> dict:
                                        timesteps=args.attack_timesteps, guidance_scale=args.guidance,
                                        num_inference_steps=args.inference_steps)
         rep = attack_success_rate(erased, prompts, judge, targets, cfg, attack=name)
-        first = first or rep
         r = rate(rep.hits)
         key = name.replace("-", "_")
-        columns.update({f"asr_{key}": r.value, f"asr_{key}_ci95": [r.low, r.high]})
+        if first is None:
+            first = rep
+            columns.update(rate_columns("pre_attack", rate(rep.pre_attack)))
+        columns.update(rate_columns(f"asr_{key}", r))
         details[name] = {**rep.to_dict(), "rate": r.to_json(), "pre_attack_rate": rate(rep.pre_attack).to_json()}
     call = dict(num_inference_steps=args.inference_steps, guidance_scale=args.guidance)
     for name in args.probes:
@@ -242,19 +368,22 @@ def robustness(args, erased, prompts, judge, score, targets) -> dict:
                                                                             **call))
         r = rate(rep.hits)
         key = name.replace("-", "_")
-        columns.update({f"probe_{key}": r.value, f"probe_{key}_ci95": [r.low, r.high]})
+        columns.update(rate_columns(f"probe_{key}", r))
         details[name] = {**rep.to_dict(), "rate": r.to_json(),
                          "level_rates": {k: rate(h).to_json() for k, h in rep.levels.items()}}
     return dict(asr=first.asr, pre_attack=first.pre_attack_rate, columns=columns, details=details)
 
 
-def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=None):
+def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=None, originals=None):
     """For each concept and method of ``args``: erase, measure (oracle report, attacks, probes), unload.
 
     ``config_for(method, concept, args)`` builds the job; ``state_bytes(metrics, method)`` counts its training
-    state; ``after_job(rows, details)`` runs after every job (partial results). Returns (rows, details,
-    grid rows, grid row labels); a grid row is the original's forget / synonym / retain images, then each
-    method's.
+    state; ``after_job(rows, details)`` runs after every job (partial results). Each row has every rate with its
+    n and 95% interval (:func:`rate_fields`, :func:`rate_columns`); ``details`` keep the per-image outcomes
+    (``report["outcomes"]``) and per-prompt attack and probe hits. With a list ``originals``, the original
+    model's row per concept (same prompts and seeds) is appended to it and its report kept in
+    ``details["original-<concept>"]``. Returns (rows, details, grid rows, grid row labels); a grid row is the
+    original's forget / synonym / retain images, then each method's.
     """
     from diffkit.evaluation import erasure_report, shapes_erasure_prompts
     from diffkit.zoo.shapes import factor_of
@@ -271,6 +400,13 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
             targets = concept_latents(original, attack_prompts, attack_seeds, args.inference_steps, args.guidance)
             show = [groups["forget"][0].prompt, groups["synonyms"][0].prompt, groups["retain"][0].prompt]
             grid = list(images(original, show, 0, args.inference_steps, args.guidance))
+            if originals is not None:  # erased_pipe is original_pipe: one generation of the three groups
+                report = erasure_report(original, original, oracle, factor, concept, groups["forget"],
+                                        groups["synonyms"], groups["retain"], seeds=args.seeds, progress=False,
+                                        **call)
+                originals.append(dict(concept=concept, factor=factor, method="original",
+                                      **{k: report[k] for k in RATES}, **rate_fields(report)))
+                details[f"original-{concept}"] = dict(report=report)
 
             def judge(batch, factor=factor, concept=concept):
                 return [lab == concept for lab in oracle.classify(batch, value_range=(0, 1)).labels[factor]]
@@ -293,10 +429,9 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
                 erased.unload_erasure()
                 row = dict(concept=concept, factor=factor, method=method, ua=report["ua"],
                            ua_synonyms=report["ua_synonyms"], ira=report["ira"], cra=report["cra"], kid=report["kid"],
-                           asr=robust["asr"], pre_attack=robust["pre_attack"], train_s=train_s,
-                           state_mib=state_bytes(m, method) / 2**20,
+                           asr=robust["asr"], train_s=train_s, state_mib=state_bytes(m, method) / 2**20,
                            storage_kib=read_sidecar(result.path)["storage_bytes"] / 1024,
-                           peak_rss_gib=m["peak_memory_bytes"] / 2**30, **robust["columns"])
+                           peak_rss_gib=m["peak_memory_bytes"] / 2**30, **rate_fields(report), **robust["columns"])
                 rows.append(row)
                 print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
                 details[f"{method}-{concept}"] = dict(report=report, attack=robust["details"], config=cfg.to_dict(),
@@ -309,58 +444,51 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
     return rows, details, grid_rows, grid_labels
 
 
-def markdown_table(rows: list[dict], tail=(("artifact KiB", "{storage_kib:.0f}"),)) -> str:
-    """The README table (percentages for accuracies and ASR); ``tail``: (header, format) of the last columns."""
-    extra = [(c, c.replace("asr_", "ASR ").replace("probe_", "").replace("_", " ")) for c in
-             (rows[0] if rows else {}) if c.startswith(("asr_", "probe_")) and not c.endswith("_ci95")]
-    heads = ["concept", "method", "UA forget", "UA synonym", "IRA", "CRA", "KID", "ASR (pre-attack)"]
-    heads += [f"{h} [95% CI]" for _, h in extra] + ["train s"] + [h for h, _ in tail]
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    for r in rows:
-        cells = [f"{r['concept']} ({r['factor']})", r["method"], f"{100 * r['ua']:.0f}%",
-                 f"{100 * r['ua_synonyms']:.0f}%", f"{100 * r['ira']:.0f}%", f"{100 * r['cra']:.0f}%",
-                 f"{r['kid']:.4f}", f"{100 * r['asr']:.0f}% ({100 * r['pre_attack']:.0f}%)"]
-        cells += [f"{100 * r[c]:.0f}% [{100 * r[c + '_ci95'][0]:.0f}, {100 * r[c + '_ci95'][1]:.0f}]" for c, _ in extra]
-        cells += [f"{r['train_s']:.0f}"]
-        cells += [fmt.format(**r) for _, fmt in tail]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def run_and_write(args, models, benchmark: str, config_for, state_bytes, targets_for, grid: Path | None = None,
+                  targets_key: str = "targets", originals: bool = False) -> int:
+    """An erasure benchmark's run: the jobs (:func:`run_jobs`; with ``originals`` also the original model's rows),
+    the JSON (``benchmarks/results/<benchmark>[_smoke]<tag>.json``, rewritten after every job with
+    ``complete=False``): rows with n and intervals, ``stats``, ``targets_for(rows, details, concepts)`` under
+    ``targets_key``, the per-image outcomes in ``details``; the before/after ``grid`` (smoke or tagged runs: in
+    the temporary folder); then its table as ``benchmarks/report.py`` renders it."""
+    import report
+
+    original, erased, oracle = models
+    name = f"{benchmark}{'_smoke' if args.smoke else ''}{args.tag}.json"
+    first = [] if originals else None
+
+    def payload(rows, details, complete, **extra):
+        out = dict(benchmark=benchmark, smoke=args.smoke, complete=complete, environment=environment(), stats=STATS,
+                   setting=dict(vars(args)), results=rows, **({} if first is None else {"originals": first}))
+        return dict(out, **{targets_key: targets_for(rows, details, args.concepts)}, **extra, details=details)
+
+    def write_partial(rows, details):  # an interrupted run still leaves the figures of its finished jobs
+        write_json(name, payload(rows, details, False))
+
+    rows, details, grid_rows, grid_labels = run_jobs(args, original, erased, oracle, config_for, state_bytes,
+                                                     after_job=write_partial, originals=first)
+    extra, shown = {}, ""
+    if grid is not None:
+        cols = [f"{who}: {what}" for who in ["original", *args.methods] for what in ("forget", "synonym", "retain")]
+        path = Path(tempfile.gettempdir()) / f"{grid.stem}{args.tag}.png" if args.smoke or args.tag else grid
+        size = save_grid(grid_rows, grid_labels, cols, path)
+        extra["grid"] = dict(path=str(path.relative_to(ROOT)) if path == grid else str(path), bytes=size,
+                             columns=cols, rows=grid_labels)
+        shown = f" and {path} ({size} bytes)"
+    data = payload(rows, details, True, **extra)
+    print_table(rows)
+    print(getattr(report, benchmark)(data))
+    print(f"wrote {write_json(name, data)}{shown}")
+    return 0
+
 
 def main(argv=None) -> int:
     ap = protocol_parser(__doc__, methods=("esd", "salun"))
     args, models = parse_and_load(ap, argv, "erasure_quality")
     if models is None:
         return 3
-    original, erased, oracle = models
-    name = f"erasure_quality{'_smoke' if args.smoke else ''}{args.tag}.json"
-
-    def write_partial(rows, details):  # an interrupted run still leaves the figures of its finished jobs
-        write_json(name, dict(benchmark="erasure_quality", smoke=args.smoke, complete=False, environment=environment(),
-                              setting=dict(vars(args)), results=rows, details=details))
-
-    rows, details, grid_rows, grid_labels = run_jobs(args, original, erased, oracle, job_config, training_state_bytes,
-                                                     after_job=write_partial)
-    print_table(rows)
-    print(markdown_table(rows))
-    targets_met = {}
-    for concept in args.concepts:
-        by = {r["method"]: r for r in rows if r["concept"] == concept}
-        targets_met[concept] = {f"{m}_ua_ge_95": by[m]["ua"] >= 0.95 for m in by}
-        if {"esd", "salun"} <= set(by):
-            targets_met[concept]["salun_ira_ge_esd"] = by["salun"]["ira"] >= by["esd"]["ira"]
-            targets_met[concept]["salun_cra_ge_esd"] = by["salun"]["cra"] >= by["esd"]["cra"]
-    print("targets:", targets_met)
-    cols = [f"{who}: {what}" for who in ["original", *args.methods] for what in ("forget", "synonym", "retain")]
-    grid_path = Path(tempfile.gettempdir()) / f"erasure_grid{args.tag}.png" if args.smoke or args.tag else GRID
-    grid_bytes = save_grid(grid_rows, grid_labels, cols, grid_path)
-    payload = dict(benchmark="erasure_quality", smoke=args.smoke, complete=True, environment=environment(),
-                   setting={k: v for k, v in vars(args).items()}, results=rows, targets=targets_met,
-                   grid=dict(path=str(grid_path.relative_to(ROOT)) if grid_path == GRID else str(grid_path),
-                             bytes=grid_bytes, columns=cols, rows=grid_labels),
-                   details=details)
-    path = write_json(name, payload)
-    print(f"wrote {path} and {grid_path} ({grid_bytes} bytes)")
-    return 0
+    return run_and_write(args, models, "erasure_quality", job_config, training_state_bytes, quality_targets, GRID,
+                         originals=True)
 
 
 if __name__ == "__main__":

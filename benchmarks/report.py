@@ -388,6 +388,183 @@ def pruning_quality(data: dict) -> str:
     )
 
 
+# -- erasure (issues 16, 17, 20): every rate with its n and 95% interval, every target judged on an interval -----
+
+#: the rates of an erasure row (JSON key, column words)
+ERASURE_RATES = (("ua", "UA forget"), ("ua_synonyms", "UA synonym"), ("ira", "IRA"), ("cra", "CRA"))
+#: how each method's training length is named in the JSON's settings
+ERASURE_STEPS = {"esd": "esd_steps", "salun": "salun_steps", "advunlearn": "adv_steps", "doco": "doco_steps"}
+
+
+def _erasure_settings(data: dict) -> str:
+    s = data["setting"]
+    seeds = s.get("seeds") or [0]
+    bases = dict.fromkeys(m.split("-")[0] for m in s.get("methods", []))
+    train = ", ".join(f"{b} {s[ERASURE_STEPS[b]]} steps" for b in bases if ERASURE_STEPS.get(b) in s)
+    attacks = []
+    for a in s.get("attack") or ["soft-prompt"]:
+        attacks.append(f"UnlearnDiffAtk ({s.get('attack_tokens')} tokens, {s.get('attack_iterations')} iterations x "
+                       f"{s.get('attack_timesteps')} timesteps)" if a == "unlearndiffatk" else
+                       f"{a} ({s.get('attack_steps')} steps)")
+    probes = ", ".join(s.get("probes") or []) or "none"
+    where = "; tiny random model (smoke: logic only)" if data.get("smoke") else ""
+    note = f"; {s['note']}" if s.get("note") else ""
+    return (f"{s['n_prompts'] * len(seeds)} images a group ({s['n_prompts']} prompts x {len(seeds)} seeds), "
+            f"{s['inference_steps']} DDIM steps, CFG {s['guidance']:g}; training: {train}; attacks over "
+            f"{s['attack_prompts']} forget prompts: {', '.join(attacks)}; probes: {probes}{where}{note}")
+
+
+def _erasure_caption(data: dict, name: str, command: str | None = None) -> str:
+    """The settings and date of an erasure file; for one from before the intervals, the stale note first."""
+    date = data.get("environment", {}).get("date", "?")[:10]
+    partial = " **Partial run** (interrupted: only the finished jobs)." if data.get("complete") is False else ""
+    if "stats" not in data:
+        return (f"_stale: measured on earlier weights before intervals; re-run "
+                f"`{command or f'python -m benchmarks.quality --only {name}'}`._ {_erasure_settings(data)}; measured "
+                f"{date}; `—`: not in the JSON.{partial}")
+    return (f"{_erasure_settings(data)}; measured {date}. 95% intervals: Wilson for UA, UA synonym, IRA and every "
+            f"attack and probe rate; CRA: bootstrap over images; a cell's (n=...) where its n is not the column's."
+            f"{partial}")
+
+
+def _erasure_originals(data: dict) -> list[dict]:
+    """The rows with the original model's row (same prompts and seeds) before each concept's methods: from
+    ``originals`` (with intervals), or for an old file from each report's ``original`` rates."""
+    by = {o["concept"]: o for o in data.get("originals", [])}
+    out = []
+    for r in data["results"]:
+        c = r["concept"]
+        if not any(o["concept"] == c for o in out):
+            report = data.get("details", {}).get(f"{r['method']}-{c}", {}).get("report", {})
+            old = dict(concept=c, factor=r["factor"], n_images=report.get("n_images"), **report.get("original", {}))
+            out.append(dict(by.get(c, old), method="original"))
+        out.append(r)
+    return out
+
+
+def _erasure_attacks(data: dict) -> list[tuple[str, str]]:
+    """(column, row key) of every attack and probe rate; an old file has the soft-prompt attack's alone."""
+    s = data["setting"]
+    if "attack" not in s:
+        return [("ASR soft-prompt [95% CI]", "asr"), ("pre-attack [95% CI]", "pre_attack")]
+    cols = []
+    for i, a in enumerate(s["attack"]):
+        cols += [(f"ASR {a} [95% CI]", f"asr_{a.replace('-', '_')}")] + ([("pre-attack [95% CI]", "pre_attack")]
+                                                                         if i == 0 else [])
+    return cols + [(f"{p.replace('-', ' ')} [95% CI]", f"probe_{p.replace('-', '_')}") for p in s.get("probes") or []]
+
+
+def _erasure_rate(row: dict, key: str, n) -> str:
+    """A rate with its interval (``[—]`` where the JSON has none) and its n where it is not the column's."""
+    if row.get(key) is None:
+        return "—"
+    rn = row.get(f"{key}_n")
+    return _share(row[key], row.get(f"{key}_ci95")) + ("" if rn is None or rn == n else f" (n={rn})")
+
+
+def _num(row: dict, key: str, fmt: str) -> str:
+    return "—" if row.get(key) is None else fmt.format(row[key])
+
+
+def _erasure_main(data: dict, tail, originals: bool = False, extra_heads=(), extra_cells=None) -> list[str]:
+    """One row per (concept, method): n images a group, each rate [95% CI], KID, the attacked prompts' n and each
+    attack / probe rate [95% CI], ``extra_cells(row)``, training seconds and the ``tail`` ((column, key, format))."""
+    attacks = _erasure_attacks(data)
+    out = _header("concept", "method", "n", *(f"{w} [95% CI]" for _, w in ERASURE_RATES), "KID", "attack prompts",
+                  *(h for h, _ in attacks), *extra_heads, "train s", *(h for h, _, _ in tail))
+    for r in _erasure_originals(data) if originals else data["results"]:
+        report = data.get("details", {}).get(f"{r['method']}-{r['concept']}", {}).get("report", {})
+        n = (r.get("n_images") or report.get("n_images") or {}).get("forget", "—")
+        na = r.get(f"{attacks[0][1]}_n", "—" if r["method"] == "original" else data["setting"].get("attack_prompts"))
+        out.append("| " + " | ".join([
+            f"{r['concept']} ({r['factor']})", r["method"], str(n), *(_erasure_rate(r, k, n) for k, _ in ERASURE_RATES),
+            _num(r, "kid", "{:.1f}"), str(na), *(_erasure_rate(r, k, na) for _, k in attacks),
+            *(extra_cells(r) if extra_cells else ()), _num(r, "train_s", "{:.0f}"),
+            *(_num(r, k, f) for _, k, f in tail)]) + " |")
+    return out
+
+
+ERASURE_TARGETS_CAPTION = (
+    "Targets, each judged on a 95% interval (met: the whole interval clears the target; missed: it lies wholly on "
+    "the wrong side; else not resolved at this n): a rate against its bar on its Wilson interval (CRA: bootstrap "
+    "over images); one method against another on the paired bootstrap of the per-image differences (same prompts "
+    "and seeds; CRA: the difference of the pooled shares){asr}. Cells: verdict: estimate [95% CI] (n).")
+#: how the ASR target is judged (in the caption of the tables that have it)
+ERASURE_ASR_HALF = ("; AdvUnlearn's attack success against half of ESD's on the paired bootstrap over the attack "
+                    "prompts of ASR_adv - 0.5 ASR_esd (met when <= 0)")
+
+
+def _erasure_target_cell(t) -> str:
+    if isinstance(t, bool):  # an old file: a comparison of point estimates
+        return f"— (point estimates: {'held' if t else 'did not hold'})"
+    if t["kind"] == "n/a":
+        return f"n/a: {t['reason']}"
+    figure = (_share(t["estimate"], t["ci95"]) if t["kind"] == "rate" else
+              _est(t["estimate"], t["ci95"], 100, 1, " points", sign=True))
+    return f"{t['verdict']}: {figure} (n={t['n']})"
+
+
+def _erasure_targets(data: dict) -> list[str]:
+    """The targets table: one row per target, one column per concept."""
+    targets = data.get("targets", {})
+    factors = {r["concept"]: r["factor"] for r in data["results"]}
+    concepts = [c for c in factors if c in targets]
+    keys = list(dict.fromkeys(k for c in concepts for k in targets[c]))
+    asr = ERASURE_ASR_HALF if "advunlearn_asr_le_half_esd" in keys else ""
+    old = any(isinstance(t, bool) for c in concepts for t in targets[c].values())
+    caption = ("Targets as the stale file recorded them (their earlier definitions): comparisons of point estimates, "
+               "not judged on intervals." if old else ERASURE_TARGETS_CAPTION.format(asr=asr))
+    out = [caption, "", *_header("target", *(f"{c} ({factors[c]})" for c in concepts))]
+    for k in keys:
+        first = next(targets[c][k] for c in concepts if k in targets[c])
+        label = first["label"] if isinstance(first, dict) else k.replace("_", " ")
+        out.append(f"| {label} | " + " | ".join(_erasure_target_cell(targets[c][k]) if k in targets[c] else "—"
+                                               for c in concepts) + " |")
+    return out
+
+
+def erasure_quality(data: dict) -> str:
+    """ESD and SalUn against the original model per concept, then issue 6's targets
+    (benchmarks/erasure_quality.py)."""
+    return "\n".join([_erasure_caption(data, "erasure_quality"), "",
+                      *_erasure_main(data, (("artifact KiB", "storage_kib", "{:.0f}"),), originals=True), "",
+                      *_erasure_targets(data)])
+
+
+def erasure_methods(data: dict) -> str:
+    """The four methods side by side, then issue 17's targets (benchmarks/erasure_methods.py)."""
+    tail = (("state MiB", "state_mib", "{:.1f}"), ("peak RSS GiB", "peak_rss_gib", "{:.2f}"))
+    return "\n".join([_erasure_caption(data, "erasure_methods"), "", *_erasure_main(data, tail), "",
+                      *_erasure_targets(data)])
+
+
+def erasure_targets(data: dict) -> str:
+    """erasure_methods' targets alone (the README's summary)."""
+    return "\n".join([_erasure_caption(data, "erasure_methods"), "", *_erasure_targets(data)])
+
+
+def erasure_lora(data: dict | None) -> str:
+    """LoRA ranks against full fine-tuning of the same method, with the paired UA difference and issue 20's claim
+    (benchmarks/erasure_lora.py); owed while its JSON does not exist."""
+    command = "python benchmarks/erasure_lora.py"
+    if data is None:
+        return (f"_owed: run `{command}` (ESD and AdvUnlearn, full fine-tuning against LoRA ranks 4 and 16; not "
+                "measured yet)._")
+    comps = data.get("comparisons", {})
+
+    def claim(r):
+        c = comps.get(f"{r['method']}-{r['concept']}", {})
+        d = c.get("ua")
+        return ["—" if d is None else _est(d["difference"], d["ci95"], 100, 1, sign=True),
+                c.get("verdict_ua_within_5pt", "—")]
+
+    return "\n".join([_erasure_caption(data, "erasure_lora", command) + " UA - full: paired bootstrap over the same "
+                      "images.", "",
+                      *_erasure_main(data, (("artifact KiB", "storage_kib", "{:.0f}"),),
+                                     extra_heads=("UA - full, points [95% CI]", "UA - full >= -5 points"),
+                                     extra_cells=claim)])
+
+
 #: What the GPU suite owes (section -> figures); listed as "owed" while benchmarks/results/gpu_suite.json is absent.
 GPU_OWED = {
     "parity": "CUDA fp16 parity with diffusers: no guidance / CFG / DeepCache N=1, SDPA and xformers",
@@ -459,9 +636,13 @@ TABLES = {
     "guidance_quality": ("guidance_quality.json", guidance_quality),
     "deepcache_quality": ("deepcache_quality.json", deepcache_quality),
     "pruning_quality": ("pruning_quality.json", pruning_quality),
+    "erasure_quality": ("erasure_quality.json", erasure_quality),
+    "erasure_methods": ("erasure_methods.json", erasure_methods),
+    "erasure_targets": ("erasure_methods.json", erasure_targets),
+    "erasure_lora": ("erasure_lora.json", erasure_lora),
 }
 #: tables rendered from ``None`` while their results file does not exist yet (what is owed)
-OPTIONAL = {"gpu_suite"}
+OPTIONAL = {"gpu_suite", "erasure_lora"}
 
 
 def render(name: str) -> str:
