@@ -429,6 +429,7 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
                 erased.unload_erasure()
                 row = dict(concept=concept, factor=factor, method=method, ua=report["ua"],
                            ua_synonyms=report["ua_synonyms"], ira=report["ira"], cra=report["cra"], kid=report["kid"],
+                           kid_std=report.get("kid_std"),
                            asr=robust["asr"], train_s=train_s, state_mib=state_bytes(m, method) / 2**20,
                            storage_kib=read_sidecar(result.path)["storage_bytes"] / 1024,
                            peak_rss_gib=m["peak_memory_bytes"] / 2**30, **rate_fields(report), **robust["columns"])

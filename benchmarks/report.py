@@ -423,7 +423,10 @@ def _erasure_caption(data: dict, name: str, command: str | None = None) -> str:
                 f"`{command or f'python -m benchmarks.quality --only {name}'}`._ {_erasure_settings(data)}; measured "
                 f"{date}; `—`: not in the JSON.{partial}")
     return (f"{_erasure_settings(data)}; measured {date}. 95% intervals: Wilson for UA, UA synonym, IRA and every "
-            f"attack and probe rate; CRA: bootstrap over images; a cell's (n=...) where its n is not the column's."
+            f"attack and probe rate; CRA: bootstrap over images; a cell's (n=...) where its n is not the column's. "
+            f"KID: the unbiased MMD^2 (cubic kernel) between the erased and the original model's retain images on the "
+            f"oracle's penultimate features, in those features' raw units (0: indistinguishable; negative values "
+            f"are estimator noise), mean ± sd over 100 random subsets."
             f"{partial}")
 
 
@@ -462,6 +465,13 @@ def _erasure_rate(row: dict, key: str, n) -> str:
     return _share(row[key], row.get(f"{key}_ci95")) + ("" if rn is None or rn == n else f" (n={rn})")
 
 
+def _kid(row: dict) -> str:
+    """KID with its spread over the random subsets (``± sd`` where the JSON records it)."""
+    if row.get("kid") is None:
+        return "—"
+    return f"{row['kid']:.1f}" + ("" if row.get("kid_std") is None else f" ± {row['kid_std']:.1f}")
+
+
 def _num(row: dict, key: str, fmt: str) -> str:
     return "—" if row.get(key) is None else fmt.format(row[key])
 
@@ -470,7 +480,8 @@ def _erasure_main(data: dict, tail, originals: bool = False, extra_heads=(), ext
     """One row per (concept, method): n images a group, each rate [95% CI], KID, the attacked prompts' n and each
     attack / probe rate [95% CI], ``extra_cells(row)``, training seconds and the ``tail`` ((column, key, format))."""
     attacks = _erasure_attacks(data)
-    out = _header("concept", "method", "n", *(f"{w} [95% CI]" for _, w in ERASURE_RATES), "KID", "attack prompts",
+    out = _header("concept", "method", "n", *(f"{w} [95% CI]" for _, w in ERASURE_RATES), "KID ± sd",
+                  "attack prompts",
                   *(h for h, _ in attacks), *extra_heads, "train s", *(h for h, _, _ in tail))
     for r in _erasure_originals(data) if originals else data["results"]:
         report = data.get("details", {}).get(f"{r['method']}-{r['concept']}", {}).get("report", {})
@@ -478,7 +489,7 @@ def _erasure_main(data: dict, tail, originals: bool = False, extra_heads=(), ext
         na = r.get(f"{attacks[0][1]}_n", "—" if r["method"] == "original" else data["setting"].get("attack_prompts"))
         out.append("| " + " | ".join([
             f"{r['concept']} ({r['factor']})", r["method"], str(n), *(_erasure_rate(r, k, n) for k, _ in ERASURE_RATES),
-            _num(r, "kid", "{:.1f}"), str(na), *(_erasure_rate(r, k, na) for _, k in attacks),
+            _kid(r), str(na), *(_erasure_rate(r, k, na) for _, k in attacks),
             *(extra_cells(r) if extra_cells else ()), _num(r, "train_s", "{:.0f}"),
             *(_num(r, k, f) for _, k, f in tail)]) + " |")
     return out

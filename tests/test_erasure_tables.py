@@ -66,7 +66,8 @@ def job(concept: str, method: str, o: dict, asr_hits=None) -> tuple[dict, dict]:
                **{k: rep[k] for k in erasure_quality.RATES}, **erasure_quality.rate_fields(rep))
     entry = dict(report=rep)
     if asr_hits is not None:
-        row.update(kid=1.5, asr=sum(asr_hits) / A, train_s=10.0, state_mib=1.0, storage_kib=100.0, peak_rss_gib=0.5,
+        row.update(kid=1.5, kid_std=0.25, asr=sum(asr_hits) / A,
+                   train_s=10.0, state_mib=1.0, storage_kib=100.0, peak_rss_gib=0.5,
                    **erasure_quality.rate_columns("pre_attack", rate([False] * A)),
                    **erasure_quality.rate_columns("asr_unlearndiffatk", rate(asr_hits)))
         entry["attack"] = {"unlearndiffatk": {"success": [bool(h) for h in asr_hits]}}
@@ -131,12 +132,14 @@ def test_methods_table_every_rate_with_its_n_and_wilson_interval():
     table = report.erasure_methods(data)
     head = cells(table.splitlines()[2])
     assert head[:8] == ["concept", "method", "n", "UA forget [95% CI]", "UA synonym [95% CI]", "IRA [95% CI]",
-                        "CRA [95% CI]", "KID"]
+                        "CRA [95% CI]", "KID ± sd"]
     adv = dict(zip(head, cells(row_of(table, "star (object)", "advunlearn"))))
     assert adv["n"] == str(N) and adv["UA forget [95% CI]"] == rate_cell(116, N)
     assert adv["UA synonym [95% CI]"] == rate_cell(N, N) and adv["attack prompts"] == str(A)
     assert adv["ASR unlearndiffatk [95% CI]"] == rate_cell(0, A)
     assert adv["pre-attack [95% CI]"] == rate_cell(0, A)
+    assert adv["KID ± sd"] == "1.5 ± 0.2"  # the spread over KID's subsets beside the mean (0.25 -> 0.2)
+    assert "raw units" in table and "sd over 100 random subsets" in table  # KID's scale is stated
     doco = dict(zip(head, cells(row_of(table, "star (object)", "doco"))))
     assert doco["IRA [95% CI]"] == rate_cell(112, 120) + " (n=120)"  # its own n where it is not the column's
     esd = dict(zip(head, cells(row_of(table, "striped (style)", "esd"))))
@@ -194,7 +197,7 @@ def test_quality_table_original_rows_and_targets():
     assert [cells(r)[1] for r in rows] == ["original", "esd", "salun"]
     original = dict(zip(head, cells(rows[0])))
     assert original["UA forget [95% CI]"] == rate_cell(2, N) and original["UA synonym [95% CI]"] == rate_cell(0, N)
-    assert original["KID"] == original["attack prompts"] == original["ASR unlearndiffatk [95% CI]"] == "—"
+    assert original["KID ± sd"] == original["attack prompts"] == original["ASR unlearndiffatk [95% CI]"] == "—"
     assert dict(zip(head, cells(rows[1])))["UA forget [95% CI]"] == rate_cell(120, N)  # UA 120/128
     assert "ASR_adv" not in table  # no ASR target in this table
     ua = cells(row_of(table, "ESD UA forget >= 95%"))[1]
