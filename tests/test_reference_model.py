@@ -152,6 +152,23 @@ def test_train_reference_writes_a_loadable_pipeline(tmp_path):
     assert torch.allclose(min_snr_weights(sched, t), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
 
 
+def test_min_snr_floor_keeps_the_terminal_step():
+    from diffkit.zoo.train_reference import min_snr_weights
+
+    sched = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", rescale_betas_zero_snr=True
+    )
+    t = torch.tensor([0, 300, 700, 999])
+    abar = sched.alphas_cumprod[t].double()
+    snr = abar / (1 - abar)
+    assert snr[-1].item() == 0.0  # zero terminal SNR: plain Min-SNR gives t = T weight 0
+    assert min_snr_weights(sched, t)[-1].item() == 0.0
+    # by hand: x0-space weight clamp(SNR, 0.1, 5), divided by SNR + 1 for the v loss
+    expected = [min(max(s, 0.1), 5.0) / (s + 1) for s in snr.tolist()]
+    assert min_snr_weights(sched, t, 5.0, 0.1).tolist() == pytest.approx(expected, rel=1e-5)
+    assert min_snr_weights(sched, t, 5.0, 0.1)[-1].item() == pytest.approx(0.1)
+
+
 def test_train_reference_zero_terminal_snr_and_offset_noise(tmp_path):
     from diffkit.zoo.train_reference import train_reference
     from diffkit.zoo.train_vae import train_vae
@@ -195,6 +212,9 @@ def test_encode_dataset_pose_ranges():
         (dict(rotation=-5.0), r"rotation must be in \[0, 180\] degrees \(or None: the world's full range\), got -5.0"),
         (dict(min_snr_gamma=0.0), r"min_snr_gamma must be > 0 \(or None: unweighted v loss\), got 0.0"),
         (dict(center_range=0.9), r"center_range must be in \[0, 0.5\], got 0.9"),
+        (dict(min_snr_floor=-0.1), r"min_snr_floor must be in \[0, min_snr_gamma\], got -0.1"),
+        (dict(min_snr_floor=6.0), r"min_snr_floor must be in \[0, min_snr_gamma\], got 6.0"),
+        (dict(min_snr_gamma=None, min_snr_floor=0.1), r"min_snr_floor needs Min-SNR weighting"),
     ],
 )
 def test_train_reference_bad_settings(tmp_path, kw, message):

@@ -109,11 +109,17 @@ def encode_dataset(vae: AutoencoderKL, n: int, seed: int, batch: int = 256, **po
     return specs, torch.cat(means), torch.cat(stds)
 
 
-def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
-    """Min-SNR-gamma weights for the v-prediction loss: min(SNR_t, gamma) / (SNR_t + 1)."""
+def min_snr_weights(scheduler: DDPMScheduler, t: torch.Tensor, gamma: float = 5.0, floor: float = 0.0) -> torch.Tensor:
+    """Min-SNR-gamma weights for the v-prediction loss: clamp(SNR_t, floor, gamma) / (SNR_t + 1).
+
+    Hang et al. (2023), eq. 7 with ``floor = 0``: the x0-space weight is min(SNR_t, gamma), translated to the
+    v loss by dividing by SNR_t + 1. Under a zero-terminal-SNR schedule that weight is 0 at t = T, the very
+    step that must learn an image's overall brightness from the prompt; ``floor`` > 0 keeps an x0-space
+    weight of at least ``floor`` there (diffkit's choice, not in the paper).
+    """
     level = training_level(scheduler.alphas_cumprod, t)
     snr = (level.alpha / level.sigma).reshape(-1) ** 2
-    return torch.clamp(snr, max=gamma) / (snr + 1)
+    return torch.clamp(snr, min=floor, max=gamma) / (snr + 1)
 
 
 class EMA:
@@ -181,6 +187,7 @@ def train_reference(
     rotation: float | None = 15.0,
     center_range: float | None = 0.08,
     min_snr_gamma: float | None = 5.0,
+    min_snr_floor: float = 0.0,
     zero_terminal_snr: bool = False,
     offset_noise: float = 0.0,
 ) -> StableDiffusionPipeline:
@@ -198,6 +205,10 @@ def train_reference(
         raise ValueError(f"rotation must be in [0, 180] degrees (or None: the world's full range), got {rotation}")
     if min_snr_gamma is not None and min_snr_gamma <= 0:
         raise ValueError(f"min_snr_gamma must be > 0 (or None: unweighted v loss), got {min_snr_gamma}")
+    if min_snr_floor < 0 or (min_snr_gamma is not None and min_snr_floor > min_snr_gamma):
+        raise ValueError(f"min_snr_floor must be in [0, min_snr_gamma], got {min_snr_floor}")
+    if min_snr_floor and min_snr_gamma is None:
+        raise ValueError("min_snr_floor needs Min-SNR weighting (min_snr_gamma > 0)")
     if not 0.0 <= offset_noise <= 1.0:
         raise ValueError(f"offset_noise must be in [0, 1], got {offset_noise}")
     out = Path(out)
@@ -251,7 +262,10 @@ def train_reference(
         noisy = add_noise(z, noise, level)
         cond = text_encoder(ids.input_ids.to(device))[0]
         pred = unet(noisy, t.to(device), cond).sample
-        w = (torch.ones(batch) if min_snr_gamma is None else min_snr_weights(noise_sched, t, min_snr_gamma)).to(device)
+        if min_snr_gamma is None:
+            w = torch.ones(batch, device=device)
+        else:
+            w = min_snr_weights(noise_sched, t, min_snr_gamma, min_snr_floor).to(device)
         target = prediction_target(z, noise, level, PREDICTION_TYPE)  # v = sqrt(abar) eps - sqrt(1 - abar) x0
         loss = (w * F.mse_loss(pred, target, reduction="none").mean((1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
@@ -277,7 +291,7 @@ def train_reference(
         dict(
             steps=steps, stopped_at=end, batch=batch, images=images, lr=lr, seed=seed, caption_dropout=caption_dropout,
             ema_decay=ema_decay, rotation=rotation, center_range=center_range, min_snr_gamma=min_snr_gamma,
-            zero_terminal_snr=zero_terminal_snr, offset_noise=offset_noise,
+            min_snr_floor=min_snr_floor, zero_terminal_snr=zero_terminal_snr, offset_noise=offset_noise,
             unet_seconds=train_seconds, unet_cpu_seconds=cpu_seconds,
             vae=vae_meta, device=device, threads=torch.get_num_threads(),
             cpu=platform.processor() or platform.machine(), torch=torch.__version__, heldout=sorted(map(list, HELDOUT)),
@@ -307,6 +321,9 @@ def main(argv=None) -> int:
     p.add_argument("--min-snr-gamma", type=float, default=5.0,
                    help="Min-SNR-gamma loss weighting; 0: unweighted v loss (note: Min-SNR gives the SNR-0 step of a "
                    "zero-terminal-SNR schedule weight 0)")
+    p.add_argument("--min-snr-floor", type=float, default=0.0,
+                   help="lower clamp of the Min-SNR weight's SNR (x0-space weight >= FLOOR), so that the SNR-0 step "
+                   "of a zero-terminal-SNR schedule still learns (0: the paper's weights)")
     p.add_argument("--zero-terminal-snr", action="store_true",
                    help="rescale the schedule to zero terminal SNR and sample with trailing spacing (Lin et al. 2024)")
     p.add_argument("--offset-noise", type=float, default=0.0, help="offset-noise strength (0: off; 0.1 is common)")
@@ -316,7 +333,8 @@ def main(argv=None) -> int:
         a.out, a.vae, steps=a.steps, batch=a.batch, images=a.images, seed=a.seed, device=a.device,
         save_every=a.save_every, stop_at=a.stop_at, ema_decay=a.ema_decay,
         rotation=None if a.rotation < 0 else a.rotation, center_range=None if a.center_range < 0 else a.center_range,
-        min_snr_gamma=a.min_snr_gamma or None, zero_terminal_snr=a.zero_terminal_snr, offset_noise=a.offset_noise,
+        min_snr_gamma=a.min_snr_gamma or None, min_snr_floor=a.min_snr_floor,
+        zero_terminal_snr=a.zero_terminal_snr, offset_noise=a.offset_noise,
     )
     print(json.dumps({"out": str(a.out / "pipeline")}))
     return 0
