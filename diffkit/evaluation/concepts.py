@@ -172,6 +172,12 @@ def outcome_intervals(outcomes: dict[str, list]) -> dict[str, list[float]]:
     return out
 
 
+def kid_subset_size(n_a: int, n_b: int) -> int:
+    """KID's subset size for sets of ``n_a`` and ``n_b`` features: half the smaller set, at most 1000 (the
+    KID paper's subsets), at least 2."""
+    return max(2, min(1000, min(n_a, n_b) // 2))
+
+
 def erasure_report(original_pipe, erased_pipe, classifier, concept_factor: str, concept: str, forget_prompts,
                    synonym_prompts, retain_prompts, seeds: Sequence[int] = (0,), batch_size: int = 8,
                    kid_subsets: int = 100, progress: bool = True, **call_kwargs) -> dict:
@@ -184,7 +190,9 @@ def erasure_report(original_pipe, erased_pipe, classifier, concept_factor: str, 
     Bare prompt strings in the forget / synonym lists are labelled ``{concept_factor: concept}``.
     Returns ``ua`` (forget words), ``ua_synonyms``, ``ira``, ``cra``, ``cra_forget`` (other factors kept in
     forget images, when the forget specs name them), ``kid`` / ``kid_std`` of the erased model's retain
-    images against the original's (same prompts and seeds), ``psnr_retain`` (mean PSNR of those pairs, dB),
+    images against the original's (same prompts and seeds; mean and standard deviation over ``kid_subsets``
+    random subsets of :func:`kid_subset_size` images, in the oracle's raw feature units), ``psnr_retain`` (mean
+    PSNR of those pairs, dB),
     and the same accuracy metrics for the original model under ``"original"`` (the baseline); ``outcomes``
     (per image, :func:`erasure_outcomes`) and ``ci95`` (95% intervals of UA, UA synonyms, IRA and CRA).
     """
@@ -230,7 +238,10 @@ def erasure_report(original_pipe, erased_pipe, classifier, concept_factor: str, 
     report = dict(concept=concept, factor=concept_factor, seeds=[int(s) for s in seeds],
                   n_images={k: v.n_images for k, v in erased.items()}, **metrics(erased))
     ka, kb = erased["retain"].features, original["retain"].features
-    report["kid"], report["kid_std"] = kid(ka, kb, subset_size=min(1000, len(ka)), n_subsets=kid_subsets)
+    # subsets of half the set (at most the paper's 1000): a subset as large as the set would make every subset
+    # the same images, and the spread over subsets (kid_std) would be 0 whatever the noise of the estimate
+    report["kid"], report["kid_std"] = kid(ka, kb, subset_size=kid_subset_size(len(ka), len(kb)),
+                                           n_subsets=kid_subsets)
     pairs = psnr(erased["retain"].images, original["retain"].images)
     finite = pairs[pairs.isfinite()]
     # identical pairs have infinite PSNR; report the mean over the differing pairs and how many were identical
