@@ -151,6 +151,14 @@ def _check_type(prediction_type: str) -> None:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
+def _to_vp(sample: torch.Tensor, level: NoiseLevel) -> torch.Tensor:
+    """``x_vp = (alpha / a) x``. For VP schedulers ``a`` is ``alpha`` and the ratio is 1 exactly, also at a
+    zero-terminal-SNR schedule's last step, where both are 0 and the plain quotient would be 0 / 0 = NaN."""
+    same = torch.as_tensor(level.alpha == level.a)
+    ratio = torch.where(same, torch.ones_like(torch.as_tensor(level.alpha)), level.alpha / level.a)
+    return sample * ratio
+
+
 def to_denoised(pred: torch.Tensor, sample: torch.Tensor, level: NoiseLevel, prediction_type: str) -> torch.Tensor:
     """D from the model's prediction: ``(x - b eps) / a``; ``alpha x_vp - sigma v``; or the sample itself."""
     _check_type(prediction_type)
@@ -158,7 +166,7 @@ def to_denoised(pred: torch.Tensor, sample: torch.Tensor, level: NoiseLevel, pre
     if prediction_type == "epsilon":
         return (sample - level.b * pred) / level.a
     if prediction_type == "v_prediction":
-        return level.alpha * (sample * (level.alpha / level.a)) - level.sigma * pred
+        return level.alpha * _to_vp(sample, level) - level.sigma * pred
     return pred
 
 
@@ -169,7 +177,7 @@ def to_epsilon(pred: torch.Tensor, sample: torch.Tensor, level: NoiseLevel, pred
     if prediction_type == "epsilon":
         return pred
     if prediction_type == "v_prediction":
-        return level.sigma * (sample * (level.alpha / level.a)) + level.alpha * pred
+        return level.sigma * _to_vp(sample, level) + level.alpha * pred
     return (sample - level.a * pred) / level.b
 
 
@@ -181,5 +189,5 @@ def from_denoised(denoised: torch.Tensor, sample: torch.Tensor, level: NoiseLeve
     if prediction_type == "epsilon":
         return (sample - level.a * denoised) / level.b
     if prediction_type == "v_prediction":
-        return (level.alpha * (sample * (level.alpha / level.a)) - denoised) / level.sigma
+        return (level.alpha * _to_vp(sample, level) - denoised) / level.sigma
     return denoised

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 
@@ -127,3 +128,35 @@ def test_bad_prediction_type_and_flow_sigmas():
     flow.set_timesteps(STEPS)
     with pytest.raises(ValueError, match="use_flow_sigmas=True"):
         noise_level(flow, flow.timesteps[0])
+
+
+def test_zero_terminal_snr_first_step_is_finite_and_matches_ddim():
+    """At a zero-terminal-SNR schedule's t = T (trailing spacing) alpha = a = 0: v-prediction's D is -v and
+    eps is x (the VP sample is pure noise), with no 0 / 0 (the fifth reference weights sample from there)."""
+    sched = _scheduler("DDIMScheduler", "v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    t = sched.timesteps[0]
+    assert int(t) == 999 and sched.alphas_cumprod[999].item() == 0.0
+    sample, pred = _tensors(0)
+    level = noise_level(sched, t)
+    d = to_denoised(pred, sample, level, "v_prediction")
+    assert torch.equal(d, -pred)  # alpha x - sigma v with alpha = 0, sigma = 1
+    assert torch.equal(to_epsilon(pred, sample, level, "v_prediction"), sample)
+    assert torch.equal(from_denoised(d, sample, level, "v_prediction"), pred)
+    x0 = sched.step(pred, t, sample).pred_original_sample
+    assert torch.allclose(d, x0, atol=1e-6)
+
+
+def test_apg_and_cfgpp_are_finite_on_a_zero_terminal_snr_model():
+    """APG and CFG++ convert through D at every step; on a zero-terminal-SNR v model the first step (alpha = 0)
+    once gave NaN images."""
+    from diffkit.guidance import APG, CFGPlusPlus
+    from diffkit.zoo import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd2", 0)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(
+        pipe.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    for guidance in (APG(15.0), CFGPlusPlus(0.6)):
+        out = pipe("a red star", guidance=guidance, num_inference_steps=3, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+        assert np.isfinite(out).all(), guidance
