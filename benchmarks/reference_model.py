@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     p.add_argument("--swap", type=int, default=128, help="background-swap pairs (2 images each, same seed)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="rescaled CFG (Lin et al. 2024, eq. 16; diffusers' guidance_rescale): 0 = plain CFG")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="8 + 8 images, no grid: checks the script")
@@ -129,6 +131,7 @@ def main(argv=None) -> int:
                    "the default --out is benchmarks/results/reference_model_candidate.json and no grid is drawn")
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/reference_model.json")
     p.add_argument("--grid", type=Path, default=ROOT / "docs" / "images" / "reference_grid.png")
+    p.add_argument("--no-grid", action="store_true", help="do not redraw the sample grid (sampler sweeps)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     a.out = a.out or ROOT / "benchmarks" / "results" / (
@@ -149,6 +152,8 @@ def main(argv=None) -> int:
     load_seconds = time.perf_counter() - t
     clf = load_reference_classifier()
     call = dict(num_inference_steps=a.steps, guidance_scale=a.guidance_scale)
+    if a.guidance_rescale:
+        call["guidance_rescale"] = a.guidance_rescale
 
     sets = {
         "heldout": shapes_prompt_specs(a.heldout, seed=0, heldout_only=True, words="canonical",
@@ -177,7 +182,7 @@ def main(argv=None) -> int:
             results[name].update(swap_result(res, a.swap))
     gen_seconds = time.perf_counter() - t
     per_image = _time_generation(pipe, a.steps)
-    if not a.smoke and not a.model:
+    if not a.smoke and not a.model and not a.no_grid:
         sample_grid(pipe, a.grid, a.steps)
 
     training = json.loads((model_dir / "training.json").read_text())
@@ -187,6 +192,7 @@ def main(argv=None) -> int:
     report = {
         "model": _display(model_dir),
         "sampler": {"scheduler": type(pipe.scheduler).__name__, "steps": a.steps, "guidance_scale": a.guidance_scale,
+                    "guidance_rescale": a.guidance_rescale,
                     "timestep_spacing": pipe.scheduler.config.get("timestep_spacing"),
                     "rescale_betas_zero_snr": pipe.scheduler.config.get("rescale_betas_zero_snr", False)},
         "results": results,

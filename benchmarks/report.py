@@ -636,6 +636,7 @@ TABLES = {
     "reference_costs": ("reference_model.json", reference_costs),
     "reference_model": ("reference_model.json", reference_model),
     "reference_pilot_ztsnr": ("reference_model_pilot_ztsnr.json", reference_model),
+    "reference_v4": ("reference_model_v4.json", reference_model),
     "reference_ztsnr_floor01_3500": ("reference_model_ztsnr_floor0.1_step3500.json", reference_model),
     "guiders_summary": ("guiders_quality.json", guiders_summary),
     "overhead_cpu": ("overhead_cpu.json", overhead_cpu),

@@ -15,7 +15,7 @@ import diffkit
 from diffkit.zoo import load_reference_pipeline, reference_path
 from diffkit.zoo import reference as reference_module
 from diffkit.zoo.classifier import load_reference_classifier
-from diffkit.zoo.shapes import COLORS, OBJECTS, STYLES, is_heldout, prompt_for, vocabulary
+from diffkit.zoo.shapes import BACKGROUNDS, COLORS, OBJECTS, STYLES, is_heldout, prompt_for, vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,9 @@ def test_is_a_real_stable_diffusion_pipeline(pipe):
     assert pipe.scheduler.config.beta_schedule == "scaled_linear"
     assert (pipe.scheduler.config.beta_start, pipe.scheduler.config.beta_end) == (0.00085, 0.012)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
+    # the fifth weights: zero terminal SNR, sampled from t = T (Lin et al. 2024)
+    assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
+    assert pipe.scheduler.alphas_cumprod[-1].item() == 0.0
     assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 8
     assert any("CrossAttn" in b for b in pipe.unet.config.down_block_types)
     assert pipe.unet.dtype == torch.float32
@@ -73,17 +76,24 @@ def test_deterministic_by_seed_and_fast(pipe):
 
 @pytest.fixture(scope="module")
 def asked(pipe):
-    """32 prompts (every object and every color four times), DDIM 25, CFG 7.5, read by the oracle."""
+    """32 prompts (every object and every color four times, every background eight times), DDIM 25, CFG 7.5,
+    read by the oracle."""
     clf = load_reference_classifier()
     objs = [OBJECTS[i % len(OBJECTS)] for i in range(32)]
     cols = [COLORS[(3 * i + i // 8) % len(COLORS)] for i in range(32)]
-    prompts = [prompt_for(object=o, color=c, style=STYLES[i % len(STYLES)]) for i, (o, c) in enumerate(zip(objs, cols))]
+    # a background that cycles independently of object and color, so "black" and "white" meet every object
+    bgs = [BACKGROUNDS[(i + i // 8) % len(BACKGROUNDS)] for i in range(32)]
+    prompts = [
+        prompt_for(object=o, color=c, style=STYLES[i % len(STYLES)], background=b)
+        for i, (o, c, b) in enumerate(zip(objs, cols, bgs))
+    ]
     gens = [torch.Generator().manual_seed(i) for i in range(32)]
     images = pipe(prompts, num_inference_steps=25, guidance_scale=7.5, generator=gens, output_type="np").images
     pred = clf.classify((images * 255).round().astype(np.uint8)).labels
     return {
         "object": float(np.mean([p == o for p, o in zip(pred["object"], objs)])),
         "color": float(np.mean([p == c for p, c in zip(pred["color"], cols)])),
+        "background": float(np.mean([p == b for p, b in zip(pred["background"], bgs)])),
     }
 
 
@@ -93,6 +103,10 @@ def test_draws_the_color_it_is_asked(asked):
 
 def test_draws_the_object_it_is_asked(asked):
     assert asked["object"] >= 0.8, asked
+
+
+def test_draws_the_background_it_is_asked(asked):
+    assert asked["background"] >= 0.8, asked
 
 
 def test_missing_weights_message(monkeypatch, tmp_path):
