@@ -31,7 +31,7 @@ from PIL import Image
 
 from diffkit.artifacts import atomic_write_json
 from diffkit.evaluation import PromptSpec, classify_specs, generate_images, rate, shapes_prompt_specs
-from diffkit.zoo import load_reference_pipeline, reference_path
+from diffkit.zoo import REFERENCE_GUIDANCE_SCALE, load_reference_pipeline, reference_path
 from diffkit.zoo.classifier import load_reference_classifier
 from diffkit.zoo.shapes import BACKGROUNDS, COLORS, OBJECTS, STYLES, prompt_for
 
@@ -46,13 +46,14 @@ def _display(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def _time_generation(pipe, steps: int, repeats: int = 3) -> float:
+def _time_generation(pipe, steps: int, guidance_scale: float, repeats: int = 3) -> float:
     """Median seconds for one 64x64 image (batch 1, CFG), after a warm-up call."""
-    pipe("a red star", num_inference_steps=steps, guidance_scale=7.5, generator=torch.Generator().manual_seed(0))
+    pipe("a red star", num_inference_steps=steps, guidance_scale=guidance_scale,
+         generator=torch.Generator().manual_seed(0))
     times = []
     for i in range(repeats):
         t = time.perf_counter()
-        pipe("a blue dotted moon", num_inference_steps=steps, guidance_scale=7.5,
+        pipe("a blue dotted moon", num_inference_steps=steps, guidance_scale=guidance_scale,
              generator=torch.Generator().manual_seed(i))
         times.append(time.perf_counter() - t)
     return float(np.median(times))
@@ -95,7 +96,7 @@ def swap_result(res, n_pairs: int) -> dict:
     return {"pairs": n_pairs, "both_as_asked": rate(both).to_json(), "same_background_drawn": rate(same).to_json()}
 
 
-def sample_grid(pipe, path: Path, steps: int) -> None:
+def sample_grid(pipe, path: Path, steps: int, guidance_scale: float) -> None:
     """One row per object, one column per color (style cycling, backgrounds alternating black and white),
     each from its own seed."""
     prompts, seeds = [], []
@@ -105,7 +106,7 @@ def sample_grid(pipe, path: Path, steps: int) -> None:
                                       background=BACKGROUNDS[(i + j) % 2]))
             seeds.append(1000 + 8 * i + j)
     imgs = generate_images(pipe, prompts, seeds, batch_size=16, progress=False, num_inference_steps=steps,
-                           guidance_scale=7.5)
+                           guidance_scale=guidance_scale)
     n = len(COLORS)
     rows = [np.concatenate(list(imgs[r * n : (r + 1) * n]), 1) for r in range(len(OBJECTS))]
     grid = np.concatenate(rows, 0)
@@ -114,13 +115,80 @@ def sample_grid(pipe, path: Path, steps: int) -> None:
     Image.fromarray(grid).quantize(256).save(path, optimize=True)
 
 
+def measure(pipe, clf, n_heldout: int, n_synonyms: int, n_swap: int, batch_size: int, **call) -> dict:
+    """Every set's rates (n, Wilson interval), per-value rates and confusion matrices at one sampler setting."""
+    sets = {
+        "heldout": shapes_prompt_specs(n_heldout, seed=0, heldout_only=True, words="canonical",
+                                       factors=("object", "color", "style", "background")),
+        "synonyms": shapes_prompt_specs(n_synonyms, seed=1, words="eval_only", factors=("object", "color")),
+        "swap": swap_specs(n_swap, seed=2),
+    }
+    results = {}
+    for offset, (name, specs) in enumerate(sets.items()):
+        # the swap set's two prompts of a pair share a seed: only the background word differs
+        seeds = [100_000 * offset + (i // 2 if name == "swap" else i) for i in range(len(specs))]
+        images = generate_images(pipe, [s.prompt for s in specs], seeds, batch_size=batch_size, desc=name, **call)
+        res = classify_specs(clf, images, specs)
+        named = [f for f in res.accuracy if any(e is not None for e in res.expected[f])]
+        results[name] = {
+            "n_images": len(specs),
+            "accuracy": {f: res.accuracy[f] for f in named},
+            "rates": {f: rate([p == e for e, p in zip(res.expected[f], res.predicted[f]) if e is not None]).to_json()
+                      for f in named},
+            "per_value": {f: per_value(res.expected[f], res.predicted[f]) for f in named},
+            "confusion": {f: confusion(res.expected[f], res.predicted[f]) for f in named},
+            "examples": [s.prompt for s in specs[:4]],
+        }
+        if name == "swap":
+            results[name].update(swap_result(res, n_swap))
+    return results
+
+
+def judge(results: dict) -> tuple[dict, dict]:
+    """(passed, worst): each bar on its rate, and each held-out factor's worst single value against
+    ``PER_VALUE_BAR``."""
+    passed = {name: {f: results[name]["accuracy"][f] >= bar for f, bar in bars.items()} for name, bars in BAR.items()}
+    worst = {f: min(rows.items(), key=lambda kv: kv[1]["rate"]) for f, rows in results["heldout"]["per_value"].items()}
+    passed["heldout"]["every_value"] = all(r["rate"] >= PER_VALUE_BAR for _, r in worst.values())
+    return passed, {f: {"value": v, **r} for f, (v, r) in worst.items()}
+
+
+def guidance_sweep(pipe, clf, a, model_dir: Path) -> int:
+    """The bar at each CFG scale of ``a.guidance_sweep`` (same prompts and seeds at every scale): one entry a
+    scale with its rates, worst single values and verdicts; the table is ``benchmarks/report.py``'s
+    ``reference_guidance_sweep``."""
+    rows = []
+    for scale in a.guidance_sweep:
+        call = dict(num_inference_steps=a.steps, guidance_scale=scale)
+        if a.guidance_rescale:
+            call["guidance_rescale"] = a.guidance_rescale
+        results = measure(pipe, clf, a.heldout, a.synonyms, a.swap, a.batch_size, **call)
+        passed, worst = judge(results)
+        rows.append({"guidance_scale": scale, "results": results, "worst_value": worst, "passed": passed})
+        print(f"CFG {scale:g}: " + ", ".join(f"{f} {r['accuracy'][f]:.3f}" for f in ("object", "color", "style",
+              "background") for r in [results["heldout"]]) + "; worst: "
+              + ", ".join(f"{w['value']} {w['rate']:.2f}" for w in worst.values()), flush=True)
+    report = {
+        "model": _display(model_dir),
+        "sampler": {"scheduler": type(pipe.scheduler).__name__, "steps": a.steps,
+                    "guidance_rescale": a.guidance_rescale,
+                    "timestep_spacing": pipe.scheduler.config.get("timestep_spacing")},
+        "bar": BAR, "per_value_bar": PER_VALUE_BAR, "sweep": rows,
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__},
+    }
+    atomic_write_json(a.out, report, indent=2)
+    print(f"wrote {a.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--heldout", type=int, default=512, help="held-out images")
     p.add_argument("--synonyms", type=int, default=256, help="synonym-only images")
     p.add_argument("--swap", type=int, default=128, help="background-swap pairs (2 images each, same seed)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=float, default=REFERENCE_GUIDANCE_SCALE,
+                   help="CFG scale (default: the model's, diffkit.zoo.REFERENCE_GUIDANCE_SCALE)")
     p.add_argument("--guidance-rescale", type=float, default=0.0,
                    help="rescaled CFG (Lin et al. 2024, eq. 16; diffusers' guidance_rescale): 0 = plain CFG")
     p.add_argument("--batch-size", type=int, default=32)
@@ -132,13 +200,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/reference_model.json")
     p.add_argument("--grid", type=Path, default=ROOT / "docs" / "images" / "reference_grid.png")
     p.add_argument("--no-grid", action="store_true", help="do not redraw the sample grid (sampler sweeps)")
+    p.add_argument("--guidance-sweep", type=float, nargs="+", default=None, metavar="SCALE",
+                   help="measure the bar at each CFG scale instead (no grid); default --out: "
+                   "benchmarks/results/reference_model_guidance_sweep.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     a.out = a.out or ROOT / "benchmarks" / "results" / (
+        "reference_model_guidance_sweep.json" if a.guidance_sweep else
         "reference_model_candidate.json" if a.model else "reference_model.json")
     if a.smoke:
         a.heldout, a.synonyms, a.swap, a.steps = 8, 8, 4, 5
-        a.out = a.out.with_name("reference_model_smoke.json")
+        a.out = a.out.with_name("reference_model_guidance_sweep_smoke.json" if a.guidance_sweep
+                                else "reference_model_smoke.json")
 
     t = time.perf_counter()
     model_dir = a.model or reference_path()
@@ -155,40 +228,17 @@ def main(argv=None) -> int:
     if a.guidance_rescale:
         call["guidance_rescale"] = a.guidance_rescale
 
-    sets = {
-        "heldout": shapes_prompt_specs(a.heldout, seed=0, heldout_only=True, words="canonical",
-                                       factors=("object", "color", "style", "background")),
-        "synonyms": shapes_prompt_specs(a.synonyms, seed=1, words="eval_only", factors=("object", "color")),
-        "swap": swap_specs(a.swap, seed=2),
-    }
-    results = {}
+    if a.guidance_sweep:
+        return guidance_sweep(pipe, clf, a, model_dir)
     t = time.perf_counter()
-    for offset, (name, specs) in enumerate(sets.items()):
-        # the swap set's two prompts of a pair share a seed: only the background word differs
-        seeds = [100_000 * offset + (i // 2 if name == "swap" else i) for i in range(len(specs))]
-        images = generate_images(pipe, [s.prompt for s in specs], seeds, batch_size=a.batch_size, desc=name, **call)
-        res = classify_specs(clf, images, specs)
-        named = [f for f in res.accuracy if any(e is not None for e in res.expected[f])]
-        results[name] = {
-            "n_images": len(specs),
-            "accuracy": {f: res.accuracy[f] for f in named},
-            "rates": {f: rate([p == e for e, p in zip(res.expected[f], res.predicted[f]) if e is not None]).to_json()
-                      for f in named},
-            "per_value": {f: per_value(res.expected[f], res.predicted[f]) for f in named},
-            "confusion": {f: confusion(res.expected[f], res.predicted[f]) for f in named},
-            "examples": [s.prompt for s in specs[:4]],
-        }
-        if name == "swap":
-            results[name].update(swap_result(res, a.swap))
+    results = measure(pipe, clf, a.heldout, a.synonyms, a.swap, a.batch_size, **call)
     gen_seconds = time.perf_counter() - t
-    per_image = _time_generation(pipe, a.steps)
+    per_image = _time_generation(pipe, a.steps, a.guidance_scale)
     if not a.smoke and not a.model and not a.no_grid:
-        sample_grid(pipe, a.grid, a.steps)
+        sample_grid(pipe, a.grid, a.steps, a.guidance_scale)
 
     training = json.loads((model_dir / "training.json").read_text())
-    passed = {name: {f: results[name]["accuracy"][f] >= bar for f, bar in bars.items()} for name, bars in BAR.items()}
-    worst = {f: min(rows.items(), key=lambda kv: kv[1]["rate"]) for f, rows in results["heldout"]["per_value"].items()}
-    passed["heldout"]["every_value"] = all(r["rate"] >= PER_VALUE_BAR for _, r in worst.values())
+    passed, worst = judge(results)
     report = {
         "model": _display(model_dir),
         "sampler": {"scheduler": type(pipe.scheduler).__name__, "steps": a.steps, "guidance_scale": a.guidance_scale,
@@ -198,7 +248,7 @@ def main(argv=None) -> int:
         "results": results,
         "bar": BAR,
         "per_value_bar": PER_VALUE_BAR,
-        "worst_value": {f: {"value": v, **r} for f, (v, r) in worst.items()},
+        "worst_value": worst,
         "passed": passed,
         "load_seconds": round(load_seconds, 3),
         "weights_mb": round(sum(f.stat().st_size for f in model_dir.rglob("*.safetensors")) / 2**20, 1),

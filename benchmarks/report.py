@@ -134,6 +134,35 @@ def reference_model(data: dict) -> str:
     return "\n".join(rows)
 
 
+def _sweep_verdicts(entry: dict, bars: dict, per_value_bar: float) -> str:
+    """Every bar of one sweep entry judged on its interval (each factor's rate, and each single value against
+    ``per_value_bar``): the bars not met, grouped by verdict."""
+    from diffkit.evaluation import verdict
+
+    judged = [(f"{name} {f}", verdict(*entry["results"][name]["rates"][f]["ci95"], bar, ">="))
+              for name, fbars in bars.items() for f, bar in fbars.items()]
+    judged += [(value, verdict(*r["ci95"], per_value_bar, ">="))
+               for rows in entry["results"]["heldout"]["per_value"].values() for value, r in rows.items()]
+    out = [f"{v}: {', '.join(k for k, vv in judged if vv == v)}" for v in ("missed", "not resolved at this n")
+           if any(vv == v for _, vv in judged)]
+    return "; ".join(out) or "all met"
+
+
+def reference_guidance_sweep(data: dict) -> str:
+    """The reference model's bar at each CFG scale (same prompts and seeds): each factor's rate with its Wilson
+    interval, the worst single value of each factor, and every bar judged on its interval."""
+    rows = ["| CFG scale | object [95% CI] | color | style | background | synonyms: object | synonyms: color | "
+            "worst single value per factor | bars not met (on the interval) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for e in data["sweep"]:
+        h, s = e["results"]["heldout"]["rates"], e["results"]["synonyms"]["rates"]
+        worst = ", ".join(f"{w['value']} {100 * w['rate']:.1f}%" for w in e["worst_value"].values())
+        rows.append(f"| {e['guidance_scale']:g} | {_rate(h['object'])} | {_rate(h['color'])} | {_rate(h['style'])} | "
+                    f"{_rate(h['background'])} | {_rate(s['object'])} | {_rate(s['color'])} | {worst} | "
+                    f"{_sweep_verdicts(e, data['bar'], data['per_value_bar'])} |")
+    return "\n".join(rows)
+
+
 def reference_costs(data: dict) -> str:
     """What the reference model costs: load, one image, training, weights."""
     t = data["training"]
@@ -637,6 +666,7 @@ TABLES = {
     "reference_model": ("reference_model.json", reference_model),
     "reference_pilot_ztsnr": ("reference_model_pilot_ztsnr.json", reference_model),
     "reference_v4": ("reference_model_v4.json", reference_model),
+    "reference_guidance_sweep": ("reference_model_guidance_sweep.json", reference_guidance_sweep),
     "reference_ztsnr_floor01_3500": ("reference_model_ztsnr_floor0.1_step3500.json", reference_model),
     "guiders_summary": ("guiders_quality.json", guiders_summary),
     "overhead_cpu": ("overhead_cpu.json", overhead_cpu),

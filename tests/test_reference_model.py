@@ -12,7 +12,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from transformers import CLIPTextModel
 
 import diffkit
-from diffkit.zoo import load_reference_pipeline, reference_path
+from diffkit.zoo import REFERENCE_GUIDANCE_SCALE, load_reference_pipeline, reference_path
 from diffkit.zoo import reference as reference_module
 from diffkit.zoo.classifier import load_reference_classifier
 from diffkit.zoo.shapes import BACKGROUNDS, COLORS, OBJECTS, STYLES, is_heldout, prompt_for, vocabulary
@@ -76,8 +76,8 @@ def test_deterministic_by_seed_and_fast(pipe):
 
 @pytest.fixture(scope="module")
 def asked(pipe):
-    """32 prompts (every object and every color four times, every background eight times), DDIM 25, CFG 7.5,
-    read by the oracle."""
+    """32 prompts (every object and every color four times, every background eight times), DDIM 25 at the
+    model's CFG scale, read by the oracle."""
     clf = load_reference_classifier()
     objs = [OBJECTS[i % len(OBJECTS)] for i in range(32)]
     cols = [COLORS[(3 * i + i // 8) % len(COLORS)] for i in range(32)]
@@ -88,7 +88,8 @@ def asked(pipe):
         for i, (o, c, b) in enumerate(zip(objs, cols, bgs))
     ]
     gens = [torch.Generator().manual_seed(i) for i in range(32)]
-    images = pipe(prompts, num_inference_steps=25, guidance_scale=7.5, generator=gens, output_type="np").images
+    images = pipe(prompts, num_inference_steps=25, guidance_scale=REFERENCE_GUIDANCE_SCALE, generator=gens,
+                  output_type="np").images
     pred = clf.classify((images * 255).round().astype(np.uint8)).labels
     return {
         "object": float(np.mean([p == o for p, o in zip(pred["object"], objs)])),
@@ -220,6 +221,25 @@ def test_encode_dataset_pose_ranges():
     assert not any(is_heldout(s) for s in specs)
 
 
+def test_training_longer_resumes_the_finished_recipe(tmp_path):
+    """schedule_steps: a finished run trained longer from its checkpoint equals one run with both settings; the
+    extra steps train at the schedule's final rate (a tenth of lr)."""
+    from diffkit.zoo.train_reference import _lr_lambda, train_reference
+    from diffkit.zoo.train_vae import train_vae
+
+    f = _lr_lambda(7000, warmup=100)
+    assert f(6999) > f(7000) == f(9999) == pytest.approx(0.1)
+    train_vae(tmp_path / "vae-run", steps=1, batch=2, crop=16)
+    kw = dict(vae_path=tmp_path / "vae-run" / "vae", batch=2, images=4, save_every=1)
+    straight = train_reference(tmp_path / "straight", steps=3, schedule_steps=2, **kw)
+    train_reference(tmp_path / "longer", steps=2, **kw)  # the finished 2-step recipe ...
+    longer = train_reference(tmp_path / "longer", steps=3, schedule_steps=2, **kw)  # ... trained one step longer
+    pairs = zip(straight.unet.state_dict().values(), longer.unet.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)
+    meta = json.loads((tmp_path / "longer" / "pipeline" / "training.json").read_text())
+    assert (meta["steps"], meta["schedule_steps"], meta["stopped_at"]) == (3, 2, 3)
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [
@@ -229,6 +249,8 @@ def test_encode_dataset_pose_ranges():
         (dict(min_snr_floor=-0.1), r"min_snr_floor must be in \[0, min_snr_gamma\], got -0.1"),
         (dict(min_snr_floor=6.0), r"min_snr_floor must be in \[0, min_snr_gamma\], got 6.0"),
         (dict(min_snr_gamma=None, min_snr_floor=0.1), r"min_snr_floor needs Min-SNR weighting"),
+        (dict(schedule_steps=0), r"schedule_steps must be in \[1, steps=1\], got 0"),
+        (dict(schedule_steps=2), r"schedule_steps must be in \[1, steps=1\], got 2"),
     ],
 )
 def test_train_reference_bad_settings(tmp_path, kw, message):

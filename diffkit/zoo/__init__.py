@@ -2,7 +2,7 @@
 
 from .classifier import load_reference_classifier
 from .full import build_full_pipeline, build_full_unet, count_parameters, full_unet_config
-from .reference import load_reference_pipeline, reference_path
+from .reference import REFERENCE_GUIDANCE_SCALE, load_reference_pipeline, reference_path
 from .tiny import FAMILIES, build_tiny_pipeline, save_tiny_pipeline, tiny_unet_config
 from .tokenizer import build_clip_tokenizer
 
@@ -14,6 +14,7 @@ __all__ = [
     "build_tiny_pipeline",
     "count_parameters",
     "full_unet_config",
+    "REFERENCE_GUIDANCE_SCALE",
     "load_reference_classifier",
     "load_reference_pipeline",
     "reference_path",

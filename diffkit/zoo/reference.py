@@ -12,10 +12,14 @@ from pathlib import Path
 import torch
 
 PIPELINE_DIR = Path(__file__).resolve().parent / "reference" / "pipeline"
+#: The classifier-free guidance scale at which the shipped weights meet their bar (DDIM, 25 trailing steps):
+#: measured over CFG 3-7.5 by ``python benchmarks/reference_model.py --guidance-sweep 3 4 5 6 7.5``
+#: (docs/reference_model.md). Higher scales exaggerate the hexagon's corners into a cross's arms.
+REFERENCE_GUIDANCE_SCALE = 3.0
 
 _RETRAIN = (
-    "python -m diffkit.zoo.train_vae --out runs/ref && python -m diffkit.zoo.train_reference --out runs/ref, "
-    "then copy runs/ref/pipeline to {path}"
+    "python -m diffkit.zoo.train_vae --out runs/ref && python -m diffkit.zoo.train_reference --out runs/ref "
+    "--zero-terminal-snr --min-snr-floor 0.01 (docs/reference_model.md), then copy runs/ref/pipeline to {path}"
 )
 
 

@@ -190,6 +190,7 @@ def train_reference(
     min_snr_floor: float = 0.0,
     zero_terminal_snr: bool = False,
     offset_noise: float = 0.0,
+    schedule_steps: int | None = None,
 ) -> StableDiffusionPipeline:
     """Train (or resume) in ``out``; export the EMA pipeline to ``out/pipeline`` and return it.
 
@@ -197,6 +198,10 @@ def train_reference(
     spacing). ``offset_noise``: the older fix of the same flaw (Guttenberg 2023): training noise plus
     ``offset_noise`` times a per-sample, per-channel constant N(0, 1), so that the model learns to change
     an image's mean.
+
+    ``schedule_steps``: length of the learning-rate schedule (default ``steps``); the steps after it train at
+    the schedule's final rate (a tenth of ``lr``). So ``steps=10000, schedule_steps=7000`` is the 7000-step
+    recipe trained 3000 steps longer, and it resumes from that recipe's checkpoint exactly.
 
     ``stop_at`` ends the run after that step (checkpointed) and exports the model as it is then; rerunning
     with a later ``stop_at`` (or none) resumes the same schedule.
@@ -209,6 +214,8 @@ def train_reference(
         raise ValueError(f"min_snr_floor must be in [0, min_snr_gamma], got {min_snr_floor}")
     if min_snr_floor and min_snr_gamma is None:
         raise ValueError("min_snr_floor needs Min-SNR weighting (min_snr_gamma > 0)")
+    if schedule_steps is not None and not 0 < schedule_steps <= steps:
+        raise ValueError(f"schedule_steps must be in [1, steps={steps}], got {schedule_steps}")
     if not 0.0 <= offset_noise <= 1.0:
         raise ValueError(f"offset_noise must be in [0, 1], got {offset_noise}")
     out = Path(out)
@@ -220,7 +227,7 @@ def train_reference(
     ema_unet, ema_text = EMA(unet, ema_decay), EMA(text_encoder, ema_decay)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    lr_lambda = _lr_lambda(steps, warmup=100)
+    lr_lambda = _lr_lambda(schedule_steps or steps, warmup=100)
     noise_sched = DDPMScheduler(
         **{k: v for k, v in SD_SCHEDULER.items() if k != "set_alpha_to_one"}, prediction_type=PREDICTION_TYPE,
         **noise_schedule(zero_terminal_snr),
@@ -289,7 +296,8 @@ def train_reference(
     atomic_write_json(
         out / "pipeline" / "training.json",
         dict(
-            steps=steps, stopped_at=end, batch=batch, images=images, lr=lr, seed=seed, caption_dropout=caption_dropout,
+            steps=steps, schedule_steps=schedule_steps or steps, stopped_at=end, batch=batch, images=images, lr=lr,
+            seed=seed, caption_dropout=caption_dropout,
             ema_decay=ema_decay, rotation=rotation, center_range=center_range, min_snr_gamma=min_snr_gamma,
             min_snr_floor=min_snr_floor, zero_terminal_snr=zero_terminal_snr, offset_noise=offset_noise,
             unet_seconds=train_seconds, unet_cpu_seconds=cpu_seconds,
@@ -327,6 +335,9 @@ def main(argv=None) -> int:
     p.add_argument("--zero-terminal-snr", action="store_true",
                    help="rescale the schedule to zero terminal SNR and sample with trailing spacing (Lin et al. 2024)")
     p.add_argument("--offset-noise", type=float, default=0.0, help="offset-noise strength (0: off; 0.1 is common)")
+    p.add_argument("--schedule-steps", type=int, default=None,
+                   help="length of the learning-rate schedule (default: --steps); later steps train at its final "
+                   "rate, so a finished run can be trained longer from its checkpoint")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     train_reference(
@@ -334,7 +345,7 @@ def main(argv=None) -> int:
         save_every=a.save_every, stop_at=a.stop_at, ema_decay=a.ema_decay,
         rotation=None if a.rotation < 0 else a.rotation, center_range=None if a.center_range < 0 else a.center_range,
         min_snr_gamma=a.min_snr_gamma or None, min_snr_floor=a.min_snr_floor,
-        zero_terminal_snr=a.zero_terminal_snr, offset_noise=a.offset_noise,
+        zero_terminal_snr=a.zero_terminal_snr, offset_noise=a.offset_noise, schedule_steps=a.schedule_steps,
     )
     print(json.dumps({"out": str(a.out / "pipeline")}))
     return 0
