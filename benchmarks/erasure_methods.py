@@ -41,6 +41,7 @@ from erasure_quality import (  # noqa: E402  (part 1)
     paired_target,
     parse_and_load,
     protocol_parser,
+    reuse_rows,
     run_and_write,
 )
 
@@ -141,13 +142,24 @@ def main(argv=None) -> int:
     ap.add_argument("--doco-lr", type=float, default=3e-4)
     ap.add_argument("--doco-batch", type=int, default=2)
     ap.add_argument("--doco-images", type=int, default=8)
+    ap.add_argument("--reuse", default=None, metavar="JSON",
+                    help="take the ESD and SalUn rows from this finished erasure_quality run (same protocol and "
+                    "training flags, checked) instead of training and measuring them again")
     args, models = parse_and_load(ap, argv, "erasure_methods")
     if models is None:
         return 3
+    prior = None
+    if args.reuse is not None:
+        try:
+            prior = reuse_rows(args.reuse, args, [m for m in args.methods if m in ("esd", "salun")])
+        except (OSError, ValueError) as e:
+            print(f"erasure_methods: --reuse: {e}", file=sys.stderr)
+            return 2
     original, erased, oracle = models
     for p in (original, erased):
         p.to(dtype=torch.float32)  # a folder given by --model may hold half-precision weights
-    return run_and_write(args, models, "erasure_methods", method_config, training_state_bytes, check_targets, GRID)
+    return run_and_write(args, models, "erasure_methods", method_config, training_state_bytes, check_targets, GRID,
+                         prior=prior)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ image here, use ``--inference-steps`` DDIM steps (the reference samples 50 LMS s
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -445,39 +446,81 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
     return rows, details, grid_rows, grid_labels
 
 
+#: The settings every row of a method depends on besides its own training flags: a row reused from another run
+#: (:func:`reuse_rows`) must have been measured with these equal.
+PROTOCOL = ("smoke", "model", "classifier", "n_prompts", "seeds", "inference_steps", "guidance", "sample_steps",
+            "attack", "attack_prompts", "attack_steps", "attack_tokens", "attack_iterations", "attack_timesteps",
+            "probes", "probe_candidates", "probe_strengths")
+#: Each reusable method's training flags.
+TRAINING = {"esd": ("esd_steps", "esd_lr"), "salun": ("salun_steps", "salun_lr", "salun_batch", "salun_images")}
+
+
+def reuse_rows(path: Path, args, methods) -> tuple[list[dict], dict, str]:
+    """The rows and details of ``methods`` for every concept of ``args``, from a finished run's JSON (``path``,
+    e.g. ``erasure_quality.json``) measured with the same protocol and training settings: the same jobs, prompts
+    and seeds give the same figures, so they need not be trained and measured again. ValueError naming every
+    setting that differs, or the method / concept missing."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not data.get("complete"):
+        raise ValueError(f"{path}: a partial run; its rows cannot be reused")
+    old = data["setting"]
+    keys = PROTOCOL + tuple(k for m in methods for k in TRAINING[m])
+    here = {k: json.loads(json.dumps(getattr(args, k))) for k in keys}  # as the JSON stores it (tuples -> lists)
+    diff = [f"{k} ({old.get(k)!r} there, {here[k]!r} here)" for k in keys if old.get(k) != here[k]]
+    if diff:
+        raise ValueError(f"{path} was measured with other settings: {', '.join(diff)}")
+    rows = [r for r in data["results"] if r["method"] in methods and r["concept"] in args.concepts]
+    missing = [f"{m}-{c}" for c in args.concepts for m in methods
+               if not any(r["method"] == m and r["concept"] == c for r in rows)]
+    if missing:
+        raise ValueError(f"{path} has no row for {', '.join(missing)}")
+    details = {f"{r['method']}-{r['concept']}": data["details"][f"{r['method']}-{r['concept']}"] for r in rows}
+    return rows, details, Path(path).name
+
+
 def run_and_write(args, models, benchmark: str, config_for, state_bytes, targets_for, grid: Path | None = None,
-                  targets_key: str = "targets", originals: bool = False) -> int:
+                  targets_key: str = "targets", originals: bool = False,
+                  prior: tuple[list, dict, str] | None = None) -> int:
     """An erasure benchmark's run: the jobs (:func:`run_jobs`; with ``originals`` also the original model's rows),
     the JSON (``benchmarks/results/<benchmark>[_smoke]<tag>.json``, rewritten after every job with
     ``complete=False``): rows with n and intervals, ``stats``, ``targets_for(rows, details, concepts)`` under
     ``targets_key``, the per-image outcomes in ``details``; the before/after ``grid`` (smoke or tagged runs: in
-    the temporary folder); then its table as ``benchmarks/report.py`` renders it."""
+    the temporary folder); then its table as ``benchmarks/report.py`` renders it. ``prior``: (rows, details,
+    source file) of methods measured by an earlier run (:func:`reuse_rows`), not run again (and not in the grid)."""
     import report
 
     original, erased, oracle = models
     name = f"{benchmark}{'_smoke' if args.smoke else ''}{args.tag}.json"
     first = [] if originals else None
 
+    prior_rows, prior_details, source = prior or ([], {}, None)
+    reused = sorted({r["method"] for r in prior_rows})
+    order = {(c, m): i for i, (c, m) in enumerate((c, m) for c in args.concepts for m in args.methods)}
+
     def payload(rows, details, complete, **extra):
+        rows = sorted(prior_rows + rows, key=lambda r: order[r["concept"], r["method"]])
+        details = {**prior_details, **details}
         out = dict(benchmark=benchmark, smoke=args.smoke, complete=complete, environment=environment(), stats=STATS,
-                   setting=dict(vars(args)), results=rows, **({} if first is None else {"originals": first}))
+                   setting=dict(vars(args)), results=rows, **({} if first is None else {"originals": first}),
+                   **({"reused": dict(methods=reused, source=source)} if reused else {}))
         return dict(out, **{targets_key: targets_for(rows, details, args.concepts)}, **extra, details=details)
 
     def write_partial(rows, details):  # an interrupted run still leaves the figures of its finished jobs
         write_json(name, payload(rows, details, False))
 
-    rows, details, grid_rows, grid_labels = run_jobs(args, original, erased, oracle, config_for, state_bytes,
+    run_args = argparse.Namespace(**{**vars(args), "methods": [m for m in args.methods if m not in reused]})
+    rows, details, grid_rows, grid_labels = run_jobs(run_args, original, erased, oracle, config_for, state_bytes,
                                                      after_job=write_partial, originals=first)
     extra, shown = {}, ""
     if grid is not None:
-        cols = [f"{who}: {what}" for who in ["original", *args.methods] for what in ("forget", "synonym", "retain")]
+        cols = [f"{who}: {what}" for who in ["original", *run_args.methods] for what in ("forget", "synonym", "retain")]
         path = Path(tempfile.gettempdir()) / f"{grid.stem}{args.tag}.png" if args.smoke or args.tag else grid
         size = save_grid(grid_rows, grid_labels, cols, path)
         extra["grid"] = dict(path=str(path.relative_to(ROOT)) if path == grid else str(path), bytes=size,
                              columns=cols, rows=grid_labels)
         shown = f" and {path} ({size} bytes)"
     data = payload(rows, details, True, **extra)
-    print_table(rows)
+    print_table(data["results"])
     print(getattr(report, benchmark)(data))
     print(f"wrote {write_json(name, data)}{shown}")
     return 0

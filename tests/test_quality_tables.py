@@ -266,3 +266,33 @@ def test_guidance_smoke_json_renders(tmp_path, monkeypatch):
     assert len(data["targets"]) == 4
     table = report.guidance_quality(data)
     assert "stale" not in table and len(table.splitlines()) == 2 + (2 + 3) + 1 + (2 + 4)
+
+
+def _wilson_rate(k: int, n: int) -> dict:
+    return {"k": k, "n": n, "rate": k / n, "ci95": list(wilson(k, n))}
+
+
+def test_reference_guidance_sweep_row_and_verdicts():
+    """One sweep entry: each factor's rate with the Wilson interval; the bars judged on their intervals (a factor
+    bar and every single value), grouped as missed / not resolved."""
+    heldout = {"object": _wilson_rate(490, 512), "color": _wilson_rate(512, 512), "style": _wilson_rate(470, 512),
+               "background": _wilson_rate(512, 512)}
+    per_value = {"object": {"hexagon": _wilson_rate(40, 64), "star": _wilson_rate(60, 64)},
+                 "style": {"dotted": _wilson_rate(54, 64), "solid": _wilson_rate(64, 64)}}
+    entry = {"guidance_scale": 3.0,
+             "results": {"heldout": {"rates": heldout, "per_value": per_value},
+                         "synonyms": {"rates": {"object": _wilson_rate(200, 256), "color": _wilson_rate(256, 256)}}},
+             "worst_value": {"object": {"value": "hexagon", **_wilson_rate(40, 64)},
+                             "style": {"value": "dotted", **_wilson_rate(54, 64)}}}
+    bars = {"heldout": {"object": 0.90, "color": 0.95, "style": 0.85, "background": 0.90},
+            "synonyms": {"object": 0.85, "color": 0.85}}
+    text = report.reference_guidance_sweep({"sweep": [entry], "bar": bars, "per_value_bar": 0.8})
+    row = text.splitlines()[2].split(" | ")
+    lo, hi = wilson(490, 512)
+    assert row[1] == f"{100 * 490 / 512:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+    assert row[0] == "| 3"
+    assert row[7] == "hexagon 62.5%, dotted 84.4%"
+    # synonyms object 78.1% [72.7, 82.7] < 85%: missed; hexagon 62.5% [50.3, 73.3]: missed;
+    # dotted 84.4% [73.6, 91.3]: not resolved; every other bar met on its interval
+    assert verdict(*wilson(200, 256), 0.85) == "missed" and verdict(*wilson(54, 64), 0.8) == "not resolved at this n"
+    assert row[8] == "missed: synonyms object, hexagon; not resolved at this n: dotted |"

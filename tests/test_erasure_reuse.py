@@ -1,0 +1,102 @@
+"""erasure_methods --reuse: ESD and SalUn rows taken from a finished erasure_quality run equal the rows a fresh run
+measures (same jobs, prompts and seeds), and a run measured with other settings is refused, naming them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+RESULTS = BENCH / "results"
+sys.path.insert(0, str(BENCH))
+
+from erasure_quality import PROTOCOL, reuse_rows  # noqa: E402
+
+#: the measured figures of a row (not its wall time or memory)
+FIGURES = ("ua", "ua_synonyms", "ira", "cra", "kid", "asr", "ua_ci95", "ira_ci95", "pre_attack", "asr_unlearndiffatk")
+
+
+def _run(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--smoke", *args], cwd=ROOT, check=True,
+                   capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def runs():
+    tag = "_reusetest"
+    files = [RESULTS / f"erasure_quality_smoke{tag}.json", RESULTS / f"erasure_methods_smoke{tag}.json",
+             RESULTS / f"erasure_methods_smoke{tag}_fresh.json"]
+    try:
+        _run("erasure_quality", "--tag", tag, "--concepts", "star", "red")
+        # erasure_methods' own defaults for ESD / SalUn differ: the documented run passes part 1's values
+        same = ("--esd-lr", "5e-4", "--salun-lr", "2e-4", "--concepts", "star", "red")
+        _run("erasure_methods", "--tag", tag, "--reuse", str(files[0]), "--methods", "esd", "salun", "advunlearn",
+             *same)
+        _run("erasure_methods", "--tag", f"{tag}_fresh", "--methods", "esd", "salun", *same)
+        yield [json.loads(f.read_text()) for f in files]
+    finally:
+        for f in files:
+            f.unlink(missing_ok=True)
+
+
+def test_reused_rows_equal_a_fresh_run(runs):
+    quality, reused, fresh = runs
+    assert reused["reused"] == {"methods": ["esd", "salun"], "source": "erasure_quality_smoke_reusetest.json"}
+    # rows in the order concept x method, reused ones beside the run ones
+    assert [(r["concept"], r["method"]) for r in reused["results"]] == [
+        (c, m) for c in ("star", "red") for m in ("esd", "salun", "advunlearn")]
+    fresh_rows = {(r["concept"], r["method"]): r for r in fresh["results"]}
+    for r in reused["results"]:
+        if r["method"] == "advunlearn":
+            continue
+        for key in FIGURES:
+            assert r.get(key) == fresh_rows[r["concept"], r["method"]].get(key), (r["concept"], r["method"], key)
+        key = f"{r['method']}-{r['concept']}"
+        assert reused["details"][key]["report"]["outcomes"] == fresh["details"][key]["report"]["outcomes"]
+    # the targets that compare methods see the reused rows
+    assert "advunlearn_asr_le_half_esd" in reused["targets"]["star"]
+
+
+def _finished(tmp_path: Path, **setting) -> Path:
+    base = {k: None for k in PROTOCOL} | dict(n_prompts=64, seeds=[0, 1], attack=["unlearndiffatk"],
+                                              esd_steps=300, esd_lr=5e-4, salun_steps=100, salun_lr=2e-4,
+                                              salun_batch=4, salun_images=16, concepts=["star"])
+    rows = [dict(concept="star", method="esd", ua=1.0), dict(concept="star", method="salun", ua=0.9)]
+    data = dict(complete=True, setting=base | setting, results=rows,
+                details={"esd-star": {"report": {}}, "salun-star": {"report": {}}})
+    path = tmp_path / "erasure_quality.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = {k: None for k in PROTOCOL} | dict(n_prompts=64, seeds=[0, 1], attack=["unlearndiffatk"],
+                                              esd_steps=300, esd_lr=5e-4, salun_steps=100, salun_lr=2e-4,
+                                              salun_batch=4, salun_images=16, concepts=["star"])
+    return argparse.Namespace(**(base | kw))
+
+
+def test_reuse_rows_checks_every_setting(tmp_path):
+    path = _finished(tmp_path)
+    rows, details, source = reuse_rows(path, _args(), ["esd"])
+    assert [r["method"] for r in rows] == ["esd"] and list(details) == ["esd-star"] and source == path.name
+    with pytest.raises(ValueError, match=r"other settings: n_prompts \(64 there, 12 here\), esd_lr \(0.0005 there, "
+                                         r"0.0003 here\)"):
+        reuse_rows(path, _args(n_prompts=12, esd_lr=3e-4), ["esd"])
+    # SalUn's training flags only matter when SalUn is reused
+    assert reuse_rows(path, _args(salun_lr=1e-3), ["esd"])[0][0]["method"] == "esd"
+    with pytest.raises(ValueError, match=r"salun_lr \(0.0002 there, 0.001 here\)"):
+        reuse_rows(path, _args(salun_lr=1e-3), ["esd", "salun"])
+    with pytest.raises(ValueError, match=r"has no row for esd-red"):
+        reuse_rows(path, _args(concepts=["star", "red"]), ["esd"])
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(data, complete=False)))
+    with pytest.raises(ValueError, match="a partial run; its rows cannot be reused"):
+        reuse_rows(path, _args(), ["esd"])
