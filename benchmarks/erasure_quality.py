@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, print_table, write_json  # noqa: E402
+from _common import RESULTS, environment, print_table, write_json  # noqa: E402
 
 from diffkit.erasure import ErasureConfig, erase, make_accelerator, read_sidecar  # noqa: E402
 from diffkit.erasure.attack import ATTACKS, AttackConfig, attack_success_rate  # noqa: E402
@@ -189,6 +190,8 @@ def protocol_parser(doc: str, methods, **defaults) -> argparse.ArgumentParser:
     ap.add_argument("--probe-candidates", type=int, default=16, help="noise search: initial noises per prompt")
     ap.add_argument("--probe-strengths", type=float, nargs="+", default=[0.5, 0.75],
                     help="completion: fractions of the schedule re-noised")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue a killed run: keep the finished jobs of its partial JSON (same settings, checked)")
     ap.set_defaults(**defaults)
     return ap
 
@@ -375,7 +378,8 @@ def robustness(args, erased, prompts, judge, score, targets) -> dict:
     return dict(asr=first.asr, pre_attack=first.pre_attack_rate, columns=columns, details=details)
 
 
-def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=None, originals=None):
+def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=None, originals=None, done=(),
+             cells_dir: Path | None = None):
     """For each concept and method of ``args``: erase, measure (oracle report, attacks, probes), unload.
 
     ``config_for(method, concept, args)`` builds the job; ``state_bytes(metrics, method)`` counts its training
@@ -384,7 +388,9 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
     (``report["outcomes"]``) and per-prompt attack and probe hits. With a list ``originals``, the original
     model's row per concept (same prompts and seeds) is appended to it and its report kept in
     ``details["original-<concept>"]``. Returns (rows, details, grid rows, grid row labels); a grid row is the
-    original's forget / synonym / retain images, then each method's.
+    original's forget / synonym / retain images, then each method's. ``done``: the (concept, method) jobs, and
+    (concept, "original") rows, a killed run finished (not run again); ``cells_dir``: where each job's grid images
+    are kept (``<method>-<concept>.npy``), so that a resumed run still draws the whole grid.
     """
     from diffkit.evaluation import erasure_report, shapes_erasure_prompts
     from diffkit.zoo.shapes import factor_of
@@ -400,8 +406,22 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
             attack_seeds = list(range(100, 100 + len(attack_prompts)))
             targets = concept_latents(original, attack_prompts, attack_seeds, args.inference_steps, args.guidance)
             show = [groups["forget"][0].prompt, groups["synonyms"][0].prompt, groups["retain"][0].prompt]
-            grid = list(images(original, show, 0, args.inference_steps, args.guidance))
-            if originals is not None:  # erased_pipe is original_pipe: one generation of the three groups
+
+            def cells(pipe, key, show=show, kept_only=False):
+                path = None if cells_dir is None else cells_dir / f"{key}.npy"
+                if path is not None and path.is_file():  # cells_dir is emptied when a run starts afresh
+                    return list(np.load(path))
+                if kept_only:  # a finished job of a killed run whose images were not kept
+                    return None
+                out = images(pipe, show, 0, args.inference_steps, args.guidance)
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(path, out)
+                return list(out)
+
+            grid = cells(original, f"original-{concept}")
+            if originals is not None and (concept, "original") not in done:
+                # erased_pipe is original_pipe: one generation of the three groups
                 report = erasure_report(original, original, oracle, factor, concept, groups["forget"],
                                         groups["synonyms"], groups["retain"], seeds=args.seeds, progress=False,
                                         **call)
@@ -417,6 +437,10 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
                 return oracle.classify(batch, value_range=(0, 1)).probs[factor][:, index]
 
             for method in args.methods:
+                if (concept, method) in done:
+                    kept = cells(erased, f"{method}-{concept}", kept_only=True)
+                    grid += [np.zeros_like(grid[0])] * len(show) if kept is None else kept  # blank if not kept
+                    continue
                 cfg = config_for(method, concept, args)
                 t0 = time.perf_counter()
                 result = erase(erased, cfg, Path(tmp) / f"{method}-{concept}", accelerator=acc, progress=True)
@@ -426,7 +450,7 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
                                         groups["synonyms"], groups["retain"], seeds=args.seeds, progress=False,
                                         **call)
                 robust = robustness(args, erased, attack_prompts, judge, score, targets)
-                grid += list(images(erased, show, 0, args.inference_steps, args.guidance))
+                grid += cells(erased, f"{method}-{concept}")
                 erased.unload_erasure()
                 row = dict(concept=concept, factor=factor, method=method, ua=report["ua"],
                            ua_synonyms=report["ua_synonyms"], ira=report["ira"], cra=report["cra"], kid=report["kid"],
@@ -478,6 +502,25 @@ def reuse_rows(path: Path, args, methods) -> tuple[list[dict], dict, str]:
     return rows, details, Path(path).name
 
 
+def resumed_jobs(path: Path, args) -> tuple[list[dict], dict, list[dict]]:
+    """(rows, details, original rows) of the jobs a killed run of the same settings finished, from its partial
+    JSON at ``path`` (nothing if there is none); SystemExit naming the settings that differ. Rows it reused from
+    another run (``--reuse``) are not among them: they are reused again."""
+    if not path.is_file():
+        return [], {}, []
+    old = json.loads(path.read_text(encoding="utf-8"))
+    here = json.loads(json.dumps(vars(args)))
+    diff = sorted(k for k in set(here) | set(old["setting"]) if k != "resume" and here.get(k) != old["setting"].get(k))
+    if diff:
+        raise SystemExit(f"--resume: {path.name} was measured with other settings ({', '.join(diff)}); "
+                         "run without --resume to start afresh")
+    reused = set(old.get("reused", {}).get("methods", []))
+    rows = [r for r in old["results"] if r["method"] not in reused]
+    originals = old.get("originals", [])
+    keys = {f"{r['method']}-{r['concept']}" for r in rows} | {f"original-{o['concept']}" for o in originals}
+    return rows, {k: v for k, v in old["details"].items() if k in keys}, originals
+
+
 def run_and_write(args, models, benchmark: str, config_for, state_bytes, targets_for, grid: Path | None = None,
                   targets_key: str = "targets", originals: bool = False,
                   prior: tuple[list, dict, str] | None = None) -> int:
@@ -486,20 +529,26 @@ def run_and_write(args, models, benchmark: str, config_for, state_bytes, targets
     ``complete=False``): rows with n and intervals, ``stats``, ``targets_for(rows, details, concepts)`` under
     ``targets_key``, the per-image outcomes in ``details``; the before/after ``grid`` (smoke or tagged runs: in
     the temporary folder); then its table as ``benchmarks/report.py`` renders it. ``prior``: (rows, details,
-    source file) of methods measured by an earlier run (:func:`reuse_rows`), not run again (and not in the grid)."""
+    source file) of methods measured by an earlier run (:func:`reuse_rows`), not run again (and not in the grid).
+    With ``args.resume`` the finished jobs of a killed run's partial JSON (:func:`resumed_jobs`) are kept."""
     import report
 
     original, erased, oracle = models
     name = f"{benchmark}{'_smoke' if args.smoke else ''}{args.tag}.json"
-    first = [] if originals else None
+    work = RESULTS / ".work" / Path(name).stem  # each job's grid images, for a resumed run's grid
+    kept_rows, kept_details, kept_originals = resumed_jobs(RESULTS / name, args) if args.resume else ([], {}, [])
+    if not args.resume and work.exists():
+        shutil.rmtree(work)
+    first = list(kept_originals) if originals else None
+    done = {(r["concept"], r["method"]) for r in kept_rows} | {(o["concept"], "original") for o in kept_originals}
 
     prior_rows, prior_details, source = prior or ([], {}, None)
     reused = sorted({r["method"] for r in prior_rows})
     order = {(c, m): i for i, (c, m) in enumerate((c, m) for c in args.concepts for m in args.methods)}
 
     def payload(rows, details, complete, **extra):
-        rows = sorted(prior_rows + rows, key=lambda r: order[r["concept"], r["method"]])
-        details = {**prior_details, **details}
+        rows = sorted(prior_rows + kept_rows + rows, key=lambda r: order[r["concept"], r["method"]])
+        details = {**prior_details, **kept_details, **details}
         out = dict(benchmark=benchmark, smoke=args.smoke, complete=complete, environment=environment(), stats=STATS,
                    setting=dict(vars(args)), results=rows, **({} if first is None else {"originals": first}),
                    **({"reused": dict(methods=reused, source=source)} if reused else {}))
@@ -510,7 +559,8 @@ def run_and_write(args, models, benchmark: str, config_for, state_bytes, targets
 
     run_args = argparse.Namespace(**{**vars(args), "methods": [m for m in args.methods if m not in reused]})
     rows, details, grid_rows, grid_labels = run_jobs(run_args, original, erased, oracle, config_for, state_bytes,
-                                                     after_job=write_partial, originals=first)
+                                                     after_job=write_partial, originals=first, done=done,
+                                                     cells_dir=work)
     extra, shown = {}, ""
     if grid is not None:
         cols = [f"{who}: {what}" for who in ["original", *run_args.methods] for what in ("forget", "synonym", "retain")]

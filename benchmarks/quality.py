@@ -77,6 +77,7 @@ RUNS = (
     QualityRun("erasure_quality", ("--n-prompts", "64", "--seeds", "0", "1", "--attack-prompts", "32",
                                    "--attack", "unlearndiffatk", "soft-prompt", "--attack-timesteps", "10",
                                    "--probes", "noise-search", "completion"), 85, part="erasure",
+               resume_args=("--resume",),
                why="ESD and SalUn, 128 images a group, UnlearnDiffAtk (1/5 budget), the soft-prompt attack and both "
                    "probes over 32 forget prompts"),
     QualityRun("erasure_methods", ("--n-prompts", "64", "--seeds", "0", "1", "--attack-prompts", "32",
@@ -87,6 +88,7 @@ RUNS = (
                                    "--inference-steps", "15", "--adv-steps", "200", "--adv-lr", "2e-4",
                                    "--doco-steps", "200", "--doco-lr", "5e-4",
                                    "--reuse", "benchmarks/results/erasure_quality.json"), 85, part="erasure",
+               resume_args=("--resume",),
                why="AdvUnlearn and DoCo beside ESD and SalUn on the same groups and attacks (ESD and SalUn reused "
                    "from erasure_quality's run, their settings checked)"),
 )
@@ -147,7 +149,8 @@ def main(argv=None) -> int:
     failed = []
     for run in runs:
         cmd = run.command(args.smoke, args.resume)
-        shown = " ".join(["python", *cmd[1:]]).replace(str(ROOT) + "/", "")
+        # the log names the run by its settings: a run resumed inside (its own --resume) is the same run
+        shown = " ".join(["python", *run.command(args.smoke, False)[1:]]).replace(str(ROOT) + "/", "")
         done = log["runs"].get(run.name)
         if args.resume and done and done.get("returncode") == 0 and done.get("command") == shown:
             print(f"== {run.name}: finished before ({done['seconds']:.0f} s), skipped")

@@ -100,3 +100,57 @@ def test_reuse_rows_checks_every_setting(tmp_path):
     path.write_text(json.dumps(dict(data, complete=False)))
     with pytest.raises(ValueError, match="a partial run; its rows cannot be reused"):
         reuse_rows(path, _args(), ["esd"])
+
+
+@pytest.fixture(scope="module")
+def resumed():
+    """A two-concept smoke run; the same run 'killed' before its last job (its partial JSON without that job),
+    then resumed."""
+    full, killed = RESULTS / "erasure_quality_smoke_resumetest.json", RESULTS / "erasure_quality_smoke_killtest.json"
+    work = RESULTS / ".work" / killed.stem
+    try:
+        _run("erasure_quality", "--tag", "_resumetest", "--concepts", "star", "red")
+        _run("erasure_quality", "--tag", "_killtest", "--concepts", "star", "red")
+        data = json.loads(killed.read_text())
+        last = data["results"].pop()
+        del data["details"][f"{last['method']}-{last['concept']}"]
+        (work / f"{last['method']}-{last['concept']}.npy").unlink()
+        killed.write_text(json.dumps(dict(data, complete=False)))
+        kept = {(r["concept"], r["method"]): r["train_s"] for r in data["results"]}
+        _run("erasure_quality", "--tag", "_killtest", "--concepts", "star", "red", "--resume")
+        yield json.loads(full.read_text()), json.loads(killed.read_text()), kept, last
+    finally:
+        full.unlink(missing_ok=True)
+        killed.unlink(missing_ok=True)
+
+
+def test_a_resumed_run_keeps_the_finished_jobs_and_equals_an_uninterrupted_one(resumed):
+    full, res, kept, last = resumed
+    assert res["complete"] is True
+    jobs = [(r["concept"], r["method"]) for r in res["results"]]
+    assert jobs == [(r["concept"], r["method"]) for r in full["results"]]
+    for r in res["results"]:
+        key = (r["concept"], r["method"])
+        if key in kept:  # kept, not run again: its wall time is the killed run's
+            assert r["train_s"] == kept[key]
+        else:
+            assert key == (last["concept"], last["method"])
+        same = next(f for f in full["results"] if (f["concept"], f["method"]) == key)
+        for k in FIGURES:
+            assert r.get(k) == same.get(k), (key, k)
+    assert res["originals"] == full["originals"]
+    assert res["targets"] == full["targets"]
+    assert res["grid"]["rows"] == full["grid"]["rows"] and res["grid"]["columns"] == full["grid"]["columns"]
+
+
+def test_resume_refuses_other_settings(resumed, tmp_path):
+    path = RESULTS / "erasure_quality_smoke_otherstest.json"
+    try:
+        path.write_text(json.dumps(dict(complete=False, setting={"n_prompts": 99}, results=[], details={})))
+        out = subprocess.run([sys.executable, str(BENCH / "erasure_quality.py"), "--smoke", "--tag", "_otherstest",
+                              "--resume"], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode != 0
+        assert "--resume: erasure_quality_smoke_otherstest.json was measured with other settings (" in out.stderr
+        assert "n_prompts" in out.stderr and "run without --resume to start afresh" in out.stderr
+    finally:
+        path.unlink(missing_ok=True)

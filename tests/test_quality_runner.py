@@ -87,3 +87,22 @@ def test_unknown_benchmark_is_a_usage_error(bad):
     with pytest.raises(SystemExit) as e:
         quality.main(bad)
     assert e.value.code == 2
+
+
+def test_resume_skips_a_finished_run_that_resumes_inside(tmp_path, monkeypatch, capsys):
+    """A run whose script resumes by itself gets --resume only when the runner resumes; the log names it without
+    that flag, so a finished run is still recognised and skipped, and a failed one is resumed inside."""
+    calls = []
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    monkeypatch.setattr(quality.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
+    assert quality.main(["--only", "deepcache_quality", "--no-report"]) == 0
+    assert calls[-1][-1] != "--resume"
+    log = json.loads((tmp_path / "quality_run.json").read_text())
+    assert log["runs"]["deepcache_quality"]["command"] == "python benchmarks/deepcache_quality.py --n 256"
+    calls.clear()
+    assert quality.main(["--only", "deepcache_quality", "--resume", "--no-report"]) == 0
+    assert calls == [] and "deepcache_quality: finished before" in capsys.readouterr().out
+    log["runs"]["deepcache_quality"]["returncode"] = -9  # killed
+    (tmp_path / "quality_run.json").write_text(json.dumps(log))
+    assert quality.main(["--only", "deepcache_quality", "--resume", "--no-report"]) == 0
+    assert calls[-1][-2:] == ["256", "--resume"]
