@@ -504,13 +504,17 @@ def reuse_rows(path: Path, args, methods) -> tuple[list[dict], dict, str]:
 
 def resumed_jobs(path: Path, args) -> tuple[list[dict], dict, list[dict]]:
     """(rows, details, original rows) of the jobs a killed run of the same settings finished, from its partial
-    JSON at ``path`` (nothing if there is none); SystemExit naming the settings that differ. Rows it reused from
-    another run (``--reuse``) are not among them: they are reused again."""
+    JSON at ``path`` (nothing if there is none, or if it is a finished run of other settings); SystemExit naming
+    the settings that differ when it is a partial run of other settings (its jobs would be lost). Rows it reused
+    from another run (``--reuse``) are not among them: they are reused again."""
     if not path.is_file():
         return [], {}, []
     old = json.loads(path.read_text(encoding="utf-8"))
     here = json.loads(json.dumps(vars(args)))
     diff = sorted(k for k in set(here) | set(old["setting"]) if k != "resume" and here.get(k) != old["setting"].get(k))
+    if diff and old.get("complete"):  # a finished run of other settings (e.g. on earlier weights): start afresh
+        print(f"--resume: {path.name} is a finished run of other settings ({', '.join(diff)}); starting afresh")
+        return [], {}, []
     if diff:
         raise SystemExit(f"--resume: {path.name} was measured with other settings ({', '.join(diff)}); "
                          "run without --resume to start afresh")

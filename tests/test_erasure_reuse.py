@@ -154,3 +154,16 @@ def test_resume_refuses_other_settings(resumed, tmp_path):
         assert "n_prompts" in out.stderr and "run without --resume to start afresh" in out.stderr
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_resume_starts_afresh_over_a_finished_run_of_other_settings(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    from erasure_quality import resumed_jobs
+
+    path = tmp_path / "erasure_quality.json"
+    path.write_text(json.dumps(dict(complete=True, setting={"n_prompts": 12}, results=[{"concept": "star"}])))
+    assert resumed_jobs(path, argparse.Namespace(n_prompts=64, resume=True)) == ([], {}, [])
+    path.write_text(json.dumps(dict(complete=False, setting={"n_prompts": 12}, results=[])))
+    with pytest.raises(SystemExit, match=r"was measured with other settings \(n_prompts\)"):
+        resumed_jobs(path, argparse.Namespace(n_prompts=64, resume=True))
+    assert resumed_jobs(tmp_path / "none.json", argparse.Namespace()) == ([], {}, [])
