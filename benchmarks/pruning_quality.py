@@ -70,11 +70,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--resume", action="store_true", help="keep finished rows of a previous run")
     ap.add_argument("--skip-random", action="store_true", help="no random-mask control rows (half the time)")
+    ap.add_argument("--tag", default="", help="suffix of the result file name (side runs)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.n, args.calib, args.steps, args.learn_steps, args.epochs = 8, 4, 4, 3, 1
         args.batch_size = min(args.batch_size, 8)
-    name = "pruning_quality_smoke.json" if args.smoke else "pruning_quality.json"
+    name = f"pruning_quality{'_smoke' if args.smoke else ''}{args.tag}.json"
     work = RESULTS / ".work" / name.replace(".json", "")
     if not args.resume:  # a fresh run: nothing of an earlier one (masks, images, perhaps of other weights) is kept
         shutil.rmtree(work, ignore_errors=True)

@@ -1,7 +1,7 @@
 """Every quality benchmark at its documented settings, one after the other, then the report step.
 
-    python -m benchmarks.quality                      # everything (about 4.7 hours on the 2-core CPU)
-    python -m benchmarks.quality --part tables        # the model's bar, guidance, DeepCache, pruning (< 2 hours)
+    python -m benchmarks.quality                      # everything (about 3.7 hours on the 2-core CPU)
+    python -m benchmarks.quality --part tables        # the model's bar, guidance, DeepCache, pruning (< 1 hour)
     python -m benchmarks.quality --part erasure       # both erasure tables (< 3 hours)
     python -m benchmarks.quality --only guiders_quality deepcache_quality
     python -m benchmarks.quality --resume             # skip the runs a previous (killed) call finished
@@ -55,20 +55,21 @@ class QualityRun:
 
 
 #: In the order they run: the cheap checks of the model first, so a broken model fails fast. The minutes are
-#: estimates for the 2-core CPU; the run log records what each took.
+#: for the 2-core CPU: the tables part's as measured on 2026-12-07 (rounded up), the erasure part's estimated;
+#: the run log records what each took.
 RUNS = (
     QualityRun("oracle_accuracy", (), 3, why="the oracle's per-factor accuracy on 2048 fresh renders"),
     QualityRun("reference_model", ("--threads", "2"), 5,
                why="the model's bar: 512 held-out prompts naming all four factors, 256 synonym-only, 128 swap pairs"),
-    QualityRun("guidance_quality", ("--n", "256", "--inversion-n", "16"), 25,
+    QualityRun("guidance_quality", ("--n", "256", "--inversion-n", "16"), 9,
                smoke_args=("--model", "tiny", "--n", "8", "--inversion-n", "2", "--steps", "5",
                            "--inversion-steps", "5", "--tag", "_smoke"),
                why="CFG / APG / CFG++ at 256 images a setting, inversion figures"),
-    QualityRun("guiders_quality", (), 32, why="every diffusers guider at two scales, 256 images a setting; APG sweep"),
-    QualityRun("deepcache_quality", ("--n", "256"), 20, resume_args=("--resume",),
+    QualityRun("guiders_quality", (), 16, why="every diffusers guider at two scales, 256 images a setting; APG sweep"),
+    QualityRun("deepcache_quality", ("--n", "256"), 5, resume_args=("--resume",),
                why="DeepCache uniform and non-uniform, N = 2/3/5, 256 images a configuration"),
     QualityRun("pruning_quality", ("--n", "256", "--calib", "64", "--learn-steps", "25", "--epochs", "4",
-                                   "--skip-random"), 25, resume_args=("--resume",),
+                                   "--skip-random"), 12, resume_args=("--resume",),
                why="mask learning at the default settings (64 calibration prompts, 25 steps, 4 epochs), 256 images; "
                    "no random-mask control rows (they double the time)"),
     # UnlearnDiffAtk at a fifth of its reference budget (10 of 50 timesteps x 40 iterations, early stop kept):

@@ -84,13 +84,13 @@ def guiders_summary(data: dict) -> str:
         vs = f"diffusers-cfg_{scale}"
         same = [r for r in guiders if r.get("vs") == vs]
         both = [r["setting"] for r in same if _both(r)]
-        best = max(same, key=lambda r: (_both(r), -r["saturation_diff"]["difference"]), default=None)
+        best = max((r for r in same if _both(r)), key=lambda r: -r["saturation_diff"]["difference"], default=None)
         rows.append(f"| CFG scale {scale}: less saturated *and* at least as accurate as CFG | "
                     f"{', '.join(both) or 'none'} (of {len(same)}) |")
-        if best is not None:
-            rows.append(f"| CFG scale {scale}: best guider (both verdicts met, then the largest saturation drop) | "
-                        f"{best['setting']} ({best['saturation_diff']['difference']:+.3f} saturation, "
-                        f"{100 * best['accuracy_diff']['difference']:+.1f} accuracy points) |")
+        rows.append(f"| CFG scale {scale}: best guider (both verdicts met, then the largest saturation drop) | " + (
+            "none meets both" if best is None else
+            f"{best['setting']} ({best['saturation_diff']['difference']:+.3f} saturation, "
+            f"{100 * best['accuracy_diff']['difference']:+.1f} accuracy points)") + " |")
     apg = [r for r in data["parts"]["apg"]["rows"] if r.get("vs")]
     held = [r["setting"] for r in apg if _both(r)]
     answer = "holds for " + ", ".join(held) if held else "does not hold: no setting"
@@ -679,6 +679,7 @@ TABLES = {
     "guidance_quality": ("guidance_quality.json", guidance_quality),
     "deepcache_quality": ("deepcache_quality.json", deepcache_quality),
     "pruning_quality": ("pruning_quality.json", pruning_quality),
+    "pruning_quality_short_learning": ("pruning_quality_v5_small_learning.json", pruning_quality),
     "erasure_quality": ("erasure_quality.json", erasure_quality),
     "erasure_methods": ("erasure_methods.json", erasure_methods),
     "erasure_targets": ("erasure_methods.json", erasure_targets),

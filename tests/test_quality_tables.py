@@ -296,3 +296,20 @@ def test_reference_guidance_sweep_row_and_verdicts():
     # dotted 84.4% [73.6, 91.3]: not resolved; every other bar met on its interval
     assert verdict(*wilson(200, 256), 0.85) == "missed" and verdict(*wilson(54, 64), 0.8) == "not resolved at this n"
     assert row[8] == "missed: synonyms object, hexagon; not resolved at this n: dotted |"
+
+
+def test_guiders_summary_names_only_guiders_that_meet_both_verdicts():
+    def row(name, sat, acc, less, accurate, vs="diffusers-cfg_7.5"):
+        return {"setting": name, "vs": vs, "saturation_diff": {"difference": sat}, "accuracy_diff": {"difference": acc},
+                "less_saturated": less, "at_least_as_accurate": accurate}
+
+    guiders = [row("a_7.5", -0.02, 0.01, "met", "met"), row("b_7.5", -0.05, -0.1, "met", "missed"),
+               row("c_7.5", -0.01, 0.0, "met", "met"), row("d_15", -0.03, 0.0, "not resolved at this n", "met",
+                                                         vs="diffusers-cfg_15")]
+    text = report.guiders_summary({"parts": {"guiders": {"rows": guiders}, "apg": {"rows": []}}})
+    lines = text.splitlines()
+    assert lines[2] == "| CFG scale 7.5: less saturated *and* at least as accurate as CFG | a_7.5, c_7.5 (of 3) |"
+    # b has the largest drop but misses accuracy: the best is a
+    assert lines[3].endswith("| a_7.5 (-0.020 saturation, +1.0 accuracy points) |")
+    assert lines[4] == "| CFG scale 15: less saturated *and* at least as accurate as CFG | none (of 1) |"
+    assert lines[5].endswith("| none meets both |")
