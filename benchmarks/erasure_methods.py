@@ -133,8 +133,8 @@ def add_advunlearn_flags(ap) -> None:
     ap.add_argument("--adv-retain-batch", type=int, default=2)
 
 
-def main(argv=None) -> int:
-    # part 1's flags, with this script's defaults (the documented run passes part 1's values explicitly)
+def parser():
+    """Part 1's flags, with this script's defaults (the documented run passes part 1's values explicitly)."""
     ap = protocol_parser(__doc__, METHODS, esd_steps=30, esd_lr=3e-4, salun_steps=30, salun_lr=3e-4, salun_images=8,
                          n_prompts=8, seeds=[0], inference_steps=10, attack_steps=15)
     add_advunlearn_flags(ap)
@@ -145,7 +145,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse", default=None, metavar="JSON",
                     help="take the ESD and SalUn rows from this finished erasure_quality run (same protocol and "
                     "training flags, checked) instead of training and measuring them again")
-    args, models = parse_and_load(ap, argv, "erasure_methods")
+    return ap
+
+
+def main(argv=None) -> int:
+    args, models = parse_and_load(parser(), argv, "erasure_methods")
     if models is None:
         return 3
     prior = None

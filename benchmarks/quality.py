@@ -87,7 +87,7 @@ RUNS = (
                                    "--esd-steps", "300", "--esd-lr", "5e-4", "--salun-steps", "100", "--salun-lr",
                                    "2e-4", "--salun-batch", "4", "--salun-images", "16", "--sample-steps", "10",
                                    "--inference-steps", "15", "--adv-steps", "200", "--adv-lr", "2e-4",
-                                   "--doco-steps", "200", "--doco-lr", "5e-4",
+                                   "--doco-steps", "200", "--doco-lr", "5e-4", "--attack-steps", "20",
                                    "--reuse", "benchmarks/results/erasure_quality.json"), 85, part="erasure",
                resume_args=("--resume",),
                why="AdvUnlearn and DoCo beside ESD and SalUn on the same groups and attacks (ESD and SalUn reused "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,7 @@ def runs():
     finally:
         for f in files:
             f.unlink(missing_ok=True)
+            shutil.rmtree(RESULTS / ".work" / f.stem, ignore_errors=True)
 
 
 def test_reused_rows_equal_a_fresh_run(runs):
@@ -122,6 +124,8 @@ def resumed():
     finally:
         full.unlink(missing_ok=True)
         killed.unlink(missing_ok=True)
+        for f in (full, killed):
+            shutil.rmtree(RESULTS / ".work" / f.stem, ignore_errors=True)
 
 
 def test_a_resumed_run_keeps_the_finished_jobs_and_equals_an_uninterrupted_one(resumed):

@@ -59,6 +59,20 @@ def test_issue_16_sample_sizes():
     assert value("erasure_methods", "--reuse") == "benchmarks/results/erasure_quality.json"
 
 
+def test_erasure_methods_reuses_with_the_settings_erasure_quality_measured():
+    """--reuse refuses rows of other settings: the plan's two erasure runs must parse to the same protocol and
+    ESD / SalUn training settings (the scripts' defaults differ, e.g. the soft-prompt attack's steps)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import erasure_methods
+    import erasure_quality
+
+    runs = quality.by_name()
+    first = erasure_quality.protocol_parser("", ("esd", "salun")).parse_args(runs["erasure_quality"].args)
+    second = erasure_methods.parser().parse_args(runs["erasure_methods"].args)
+    keys = erasure_quality.PROTOCOL + erasure_quality.TRAINING["esd"] + erasure_quality.TRAINING["salun"]
+    assert {k: getattr(first, k) for k in keys} == {k: getattr(second, k) for k in keys}
+
+
 def test_resume_skips_finished_runs(tmp_path, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(quality, "RESULTS", tmp_path)
