@@ -479,6 +479,12 @@ PROTOCOL = ("smoke", "model", "classifier", "n_prompts", "seeds", "inference_ste
 TRAINING = {"esd": ("esd_steps", "esd_lr"), "salun": ("salun_steps", "salun_lr", "salun_batch", "salun_images")}
 
 
+def differing_settings(old: dict, args, keys) -> list[str]:
+    """The ``keys`` whose value in ``args`` differs from a results file's ``setting`` (compared as the JSON
+    stores them: tuples become lists)."""
+    return [k for k in keys if old.get(k) != json.loads(json.dumps(getattr(args, k, None)))]
+
+
 def reuse_rows(path: Path, args, methods) -> tuple[list[dict], dict, str]:
     """The rows and details of ``methods`` for every concept of ``args``, from a finished run's JSON (``path``,
     e.g. ``erasure_quality.json``) measured with the same protocol and training settings: the same jobs, prompts
@@ -488,9 +494,8 @@ def reuse_rows(path: Path, args, methods) -> tuple[list[dict], dict, str]:
     if not data.get("complete"):
         raise ValueError(f"{path}: a partial run; its rows cannot be reused")
     old = data["setting"]
-    keys = PROTOCOL + tuple(k for m in methods for k in TRAINING[m])
-    here = {k: json.loads(json.dumps(getattr(args, k))) for k in keys}  # as the JSON stores it (tuples -> lists)
-    diff = [f"{k} ({old.get(k)!r} there, {here[k]!r} here)" for k in keys if old.get(k) != here[k]]
+    diff = [f"{k} ({old.get(k)!r} there, {getattr(args, k)!r} here)"
+            for k in differing_settings(old, args, PROTOCOL + tuple(k for m in methods for k in TRAINING[m]))]
     if diff:
         raise ValueError(f"{path} was measured with other settings: {', '.join(diff)}")
     rows = [r for r in data["results"] if r["method"] in methods and r["concept"] in args.concepts]
@@ -510,8 +515,7 @@ def resumed_jobs(path: Path, args) -> tuple[list[dict], dict, list[dict]]:
     if not path.is_file():
         return [], {}, []
     old = json.loads(path.read_text(encoding="utf-8"))
-    here = json.loads(json.dumps(vars(args)))
-    diff = sorted(k for k in set(here) | set(old["setting"]) if k != "resume" and here.get(k) != old["setting"].get(k))
+    diff = sorted(differing_settings(old["setting"], args, (set(vars(args)) | set(old["setting"])) - {"resume"}))
     if diff and old.get("complete"):  # a finished run of other settings (e.g. on earlier weights): start afresh
         print(f"--resume: {path.name} is a finished run of other settings ({', '.join(diff)}); starting afresh")
         return [], {}, []

@@ -8,13 +8,13 @@ from .tokenizer import build_clip_tokenizer
 
 __all__ = [
     "FAMILIES",
+    "REFERENCE_GUIDANCE_SCALE",
     "build_clip_tokenizer",
     "build_full_pipeline",
     "build_full_unet",
     "build_tiny_pipeline",
     "count_parameters",
     "full_unet_config",
-    "REFERENCE_GUIDANCE_SCALE",
     "load_reference_classifier",
     "load_reference_pipeline",
     "reference_path",
