@@ -37,9 +37,10 @@ from erasure_quality import (  # noqa: E402  (part 1)
     asr_half_target,
     bar_target,
     job_config,
+    load_for,
     not_applicable,
     paired_target,
-    parse_and_load,
+    parse_settings,
     protocol_parser,
     reuse_rows,
     run_and_write,
@@ -149,16 +150,17 @@ def parser():
 
 
 def main(argv=None) -> int:
-    args, models = parse_and_load(parser(), argv, "erasure_methods")
-    if models is None:
-        return 3
+    args = parse_settings(parser(), argv)
     prior = None
-    if args.reuse is not None:
+    if args.reuse is not None:  # checked before the models load: a wrong file fails in a second, not a minute
         try:
             prior = reuse_rows(args.reuse, args, [m for m in args.methods if m in ("esd", "salun")])
         except (OSError, ValueError) as e:
             print(f"erasure_methods: --reuse: {e}", file=sys.stderr)
             return 2
+    models = load_for(args, "erasure_methods")
+    if models is None:
+        return 3
     original, erased, oracle = models
     for p in (original, erased):
         p.to(dtype=torch.float32)  # a folder given by --model may hold half-precision weights

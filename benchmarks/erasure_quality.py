@@ -129,8 +129,10 @@ def images(pipe, prompts, seed: int, steps: int, guidance: float) -> np.ndarray:
     return (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
 
 
-def save_grid(cells: list[list[np.ndarray]], row_labels, col_labels, path: Path, scale: int = 2) -> int:
-    """Rows x columns of images with labels, as an optimised PNG; returns its size in bytes."""
+def save_grid(cells: list[list[np.ndarray]], row_labels, col_labels, path: Path, scale: int = 2,
+              max_bytes: int | None = 300_000) -> int:
+    """Rows x columns of images with labels, as an optimised PNG (a 256-colour palette where it would be over
+    ``max_bytes``); returns its size in bytes."""
     from PIL import Image, ImageDraw
 
     h, w = cells[0][0].shape[:2]
@@ -148,7 +150,7 @@ def save_grid(cells: list[list[np.ndarray]], row_labels, col_labels, path: Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     canvas.save(tmp, format="PNG", optimize=True)
-    if tmp.stat().st_size > 300_000:  # the README budget: fall back to a 256-colour palette
+    if max_bytes is not None and tmp.stat().st_size > max_bytes:  # the README budget: a 256-colour palette
         canvas.quantize(256).save(tmp, format="PNG", optimize=True)
     tmp.replace(path)
     return path.stat().st_size
@@ -206,17 +208,27 @@ def smoke_settings(args) -> None:
     args.seeds, args.attack_prompts = [0], 1
 
 
-def parse_and_load(ap, argv, script: str):
-    """Parse the flags (``--smoke`` shrinks every setting) and load (original, to-be-erased, oracle); the models
-    are None, after a message, when the reference model is not available."""
+def parse_settings(ap, argv):
+    """Parse the flags; ``--smoke`` shrinks every setting."""
     args = ap.parse_args(argv)
     if args.smoke:
         smoke_settings(args)
+    return args
+
+
+def load_for(args, script: str):
+    """(original, to-be-erased, oracle), or None after a message when the reference model is not available."""
     try:
-        return args, load_models(args.smoke, args.model, args.classifier)
+        return load_models(args.smoke, args.model, args.classifier)
     except FileNotFoundError as e:
         print(f"{script}: the reference model is not available ({e}); nothing measured.")
-        return args, None
+        return None
+
+
+def parse_and_load(ap, argv, script: str):
+    """Parse the flags and load the models (:func:`parse_settings`, :func:`load_for`)."""
+    args = parse_settings(ap, argv)
+    return args, load_for(args, script)
 
 
 # -- n and 95% intervals of every rate, per-image comparisons and the targets (issues 16, 17) -------------------
@@ -379,7 +391,7 @@ def robustness(args, erased, prompts, judge, score, targets) -> dict:
 
 
 def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=None, originals=None, done=(),
-             cells_dir: Path | None = None):
+             cells_dir: Path | None = None, reused_cells: Path | None = None, reused=()):
     """For each concept and method of ``args``: erase, measure (oracle report, attacks, probes), unload.
 
     ``config_for(method, concept, args)`` builds the job; ``state_bytes(metrics, method)`` counts its training
@@ -390,7 +402,9 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
     ``details["original-<concept>"]``. Returns (rows, details, grid rows, grid row labels); a grid row is the
     original's forget / synonym / retain images, then each method's. ``done``: the (concept, method) jobs, and
     (concept, "original") rows, a killed run finished (not run again); ``cells_dir``: where each job's grid images
-    are kept (``<method>-<concept>.npy``), so that a resumed run still draws the whole grid.
+    are kept (``<method>-<concept>.npy``), so that a resumed run still draws the whole grid. ``reused``: methods
+    measured by an earlier run (not run here), whose grid images are taken from that run's ``reused_cells`` folder
+    (the same grid prompts, seed and sampling: the settings were checked), blank where it has none.
     """
     from diffkit.evaluation import erasure_report, shapes_erasure_prompts
     from diffkit.zoo.shapes import factor_of
@@ -407,8 +421,8 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
             targets = concept_latents(original, attack_prompts, attack_seeds, args.inference_steps, args.guidance)
             show = [groups["forget"][0].prompt, groups["synonyms"][0].prompt, groups["retain"][0].prompt]
 
-            def cells(pipe, key, show=show, kept_only=False):
-                path = None if cells_dir is None else cells_dir / f"{key}.npy"
+            def cells(pipe, key, show=show, kept_only=False, folder=cells_dir):
+                path = None if folder is None else folder / f"{key}.npy"
                 if path is not None and path.is_file():  # cells_dir is emptied when a run starts afresh
                     return list(np.load(path))
                 if kept_only:  # a finished job of a killed run whose images were not kept
@@ -437,6 +451,10 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
                 return oracle.classify(batch, value_range=(0, 1)).probs[factor][:, index]
 
             for method in args.methods:
+                if method in reused:
+                    kept = cells(erased, f"{method}-{concept}", kept_only=True, folder=reused_cells)
+                    grid += [np.zeros_like(grid[0])] * len(show) if kept is None else kept
+                    continue
                 if (concept, method) in done:
                     kept = cells(erased, f"{method}-{concept}", kept_only=True)
                     grid += [np.zeros_like(grid[0])] * len(show) if kept is None else kept  # blank if not kept
@@ -537,7 +555,8 @@ def run_and_write(args, models, benchmark: str, config_for, state_bytes, targets
     ``complete=False``): rows with n and intervals, ``stats``, ``targets_for(rows, details, concepts)`` under
     ``targets_key``, the per-image outcomes in ``details``; the before/after ``grid`` (smoke or tagged runs: in
     the temporary folder); then its table as ``benchmarks/report.py`` renders it. ``prior``: (rows, details,
-    source file) of methods measured by an earlier run (:func:`reuse_rows`), not run again (and not in the grid).
+    source file) of methods measured by an earlier run (:func:`reuse_rows`), not run again (their grid images come
+    from that run's kept ones).
     With ``args.resume`` the finished jobs of a killed run's partial JSON (:func:`resumed_jobs`) are kept."""
     import report
 
@@ -565,15 +584,15 @@ def run_and_write(args, models, benchmark: str, config_for, state_bytes, targets
     def write_partial(rows, details):  # an interrupted run still leaves the figures of its finished jobs
         write_json(name, payload(rows, details, False))
 
-    run_args = argparse.Namespace(**{**vars(args), "methods": [m for m in args.methods if m not in reused]})
-    rows, details, grid_rows, grid_labels = run_jobs(run_args, original, erased, oracle, config_for, state_bytes,
-                                                     after_job=write_partial, originals=first, done=done,
-                                                     cells_dir=work)
+    rows, details, grid_rows, grid_labels = run_jobs(
+        args, original, erased, oracle, config_for, state_bytes, after_job=write_partial, originals=first, done=done,
+        cells_dir=work, reused=reused, reused_cells=RESULTS / ".work" / Path(source).stem if source else None)
     extra, shown = {}, ""
     if grid is not None:
-        cols = [f"{who}: {what}" for who in ["original", *run_args.methods] for what in ("forget", "synonym", "retain")]
+        cols = [f"{who}: {what}" for who in ["original", *args.methods] for what in ("forget", "synonym", "retain")]
         path = Path(tempfile.gettempdir()) / f"{grid.stem}{args.tag}.png" if args.smoke or args.tag else grid
-        size = save_grid(grid_rows, grid_labels, cols, path)
+        # only the docs' grid has the README's size budget: a smoke or tagged run's keeps its exact pixels
+        size = save_grid(grid_rows, grid_labels, cols, path, max_bytes=300_000 if path == grid else None)
         extra["grid"] = dict(path=str(path.relative_to(ROOT)) if path == grid else str(path), bytes=size,
                              columns=cols, rows=grid_labels)
         shown = f" and {path} ({size} bytes)"

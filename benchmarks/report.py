@@ -417,6 +417,33 @@ def pruning_quality(data: dict) -> str:
     )
 
 
+def pruning_sweep(files: dict) -> str:
+    """Every pruning_quality run of the fifth weights (default file and ``--tag`` side runs) side by side at the
+    target's row: how the mask-learning settings move the paired change in accuracy (same prompts and seeds)."""
+    out = ["Each row: one run of `benchmarks/pruning_quality.py` (results file in the first column) at its -20% "
+           "row; change: paired bootstrap 95% interval of the mean accuracy against unpruned on the same prompts "
+           "and seeds; final MSE / penalty: the mask-learning loss terms at its last step.", "",
+           *_header("results file", "calib prompts", "trajectory steps", "epochs", "beta", "lr", "learning steps",
+                    "final MSE / penalty", "learning s", "U-Net parameters", "MACs", "n",
+                    "change vs unpruned, points [95% CI]", "verdict (>= -3 points)")]
+    for name, data in files.items():
+        s, learning = data["setting"], data.get("learning") or {}
+        target = data.get("target") or {}
+        row = next((r for r in data["results"]
+                    if r["masks"] == "learned" and r.get("target") == data.get("target_reduction")), None)
+        if row is None or not target:
+            continue
+        final = learning.get("final", {})
+        out.append("| " + " | ".join([
+            f"`{name}`", str(s["calib"]), str(s["learn_steps"]), str(s["epochs"]), f"{s['beta']:g}", f"{s['lr']:g}",
+            str(learning.get("steps", "—")),
+            f"{final['mse']:.3f} / {final['penalty']:.3f}" if final else "—",
+            f"{learning['seconds_this_run']:.0f}" if "seconds_this_run" in learning else "—",
+            f"{-100 * row['param_reduction']:+.1f}%", f"{-100 * row['mac_reduction']:+.1f}%", str(row.get("n", s["n"])),
+            _est(target["difference"], target["ci95"], 100, 1, sign=True), target["verdict"]]) + " |")
+    return "\n".join(out)
+
+
 # -- erasure (issues 16, 17, 20): every rate with its n and 95% interval, every target judged on an interval -----
 
 #: the rates of an erasure row (JSON key, column words)
@@ -680,6 +707,7 @@ TABLES = {
     "deepcache_quality": ("deepcache_quality.json", deepcache_quality),
     "pruning_quality": ("pruning_quality.json", pruning_quality),
     "pruning_quality_short_learning": ("pruning_quality_v5_small_learning.json", pruning_quality),
+    "pruning_sweep": ("pruning_quality*.json", pruning_sweep),
     "erasure_quality": ("erasure_quality.json", erasure_quality),
     "erasure_methods": ("erasure_methods.json", erasure_methods),
     "erasure_targets": ("erasure_methods.json", erasure_targets),
@@ -691,6 +719,9 @@ OPTIONAL = {"gpu_suite", "erasure_lora"}
 
 def render(name: str) -> str:
     file, fn = TABLES[name]
+    if "*" in file:  # several runs side by side: {file name: JSON}, the smoke runs left out
+        return fn({p.name: json.loads(p.read_text(encoding="utf-8"))
+                   for p in sorted(RESULTS.glob(file)) if "smoke" not in p.name})
     if name in OPTIONAL and not (RESULTS / file).is_file():
         return fn(None)
     return fn(json.loads((RESULTS / file).read_text(encoding="utf-8")))

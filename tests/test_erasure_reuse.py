@@ -66,6 +66,30 @@ def test_reused_rows_equal_a_fresh_run(runs):
     assert "advunlearn_asr_le_half_esd" in reused["targets"]["star"]
 
 
+def test_reused_methods_are_in_the_grid_from_the_source_runs_images(runs):
+    """The grid shows every method, in the columns a fresh run draws them: the reused ones' tiles are the source
+    run's kept images (``.work/<source>/<method>-<concept>.npy``), pixel for pixel."""
+    import numpy as np
+    from PIL import Image
+
+    _, reused, fresh = runs
+    methods = ("esd", "salun", "advunlearn")
+    whats = ("forget", "synonym", "retain")
+    assert reused["grid"]["columns"] == [f"{who}: {what}" for who in ("original", *methods) for what in whats]
+    assert fresh["grid"]["columns"] == reused["grid"]["columns"][:9]
+    grid = np.asarray(Image.open(reused["grid"]["path"]).convert("RGB"))
+    source = RESULTS / ".work" / "erasure_quality_smoke_reusetest"
+    for i, concept in enumerate(("star", "red")):
+        for k, method in enumerate(("esd", "salun")):
+            cells = np.load(source / f"{method}-{concept}.npy")
+            h, w = 2 * cells.shape[1], 2 * cells.shape[2]  # save_grid's scale 2, 120 px labels, 28 px header
+            for j, cell in enumerate(cells):
+                x, y = 120 + (3 * (k + 1) + j) * w, 28 + i * h
+                tile = np.asarray(Image.fromarray(cell).resize((w, h), Image.NEAREST))
+                assert np.array_equal(grid[y:y + h, x:x + w], tile), (concept, method, j)
+            assert cells.std() > 0  # images, not blanks
+
+
 def _finished(tmp_path: Path, **setting) -> Path:
     base = {k: None for k in PROTOCOL} | dict(n_prompts=64, seeds=[0, 1], attack=["unlearndiffatk"],
                                               esd_steps=300, esd_lr=5e-4, salun_steps=100, salun_lr=2e-4,
@@ -102,6 +126,22 @@ def test_reuse_rows_checks_every_setting(tmp_path):
     path.write_text(json.dumps(dict(data, complete=False)))
     with pytest.raises(ValueError, match="a partial run; its rows cannot be reused"):
         reuse_rows(path, _args(), ["esd"])
+
+
+def test_a_bad_reuse_file_fails_before_the_models_load(tmp_path, monkeypatch, capsys):
+    import erasure_methods
+
+    loaded = []
+    monkeypatch.setattr(erasure_methods, "load_for", lambda *a: loaded.append(a))
+    missing = tmp_path / "none.json"
+    assert erasure_methods.main(["--smoke", "--reuse", str(missing)]) == 2
+    assert loaded == []
+    err = capsys.readouterr().err
+    assert err.startswith("erasure_methods: --reuse: ") and "none.json" in err
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(dict(complete=False)))
+    assert erasure_methods.main(["--smoke", "--reuse", str(path)]) == 2 and loaded == []
+    assert "a partial run; its rows cannot be reused" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

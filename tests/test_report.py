@@ -33,3 +33,32 @@ def test_a_hand_edit_is_caught(tmp_path, monkeypatch):
     assert report.main(["--check"]) == 1
     assert report.main([]) == 0 and report.main(["--check"]) == 0
     assert report.render("overhead_cpu") in readme.read_text()
+
+
+def _pruning_run(calib: int, beta: float, difference: float, verdict: str) -> dict:
+    rows = [dict(target=0.0, masks="none", param_reduction=0.0, mac_reduction=0.0, n=4),
+            dict(target=0.2, masks="learned", param_reduction=0.201, mac_reduction=0.09, n=4),
+            dict(target=0.3, masks="learned", param_reduction=0.301, mac_reduction=0.15, n=4)]
+    return dict(setting=dict(n=4, calib=calib, learn_steps=10, epochs=1, beta=beta, lr=0.1),
+                learning=dict(steps=8, seconds_this_run=6.4, final=dict(mse=0.0612, penalty=2.4)),
+                target_reduction=0.2, results=rows,
+                target=dict(row="learned -20%", difference=difference, ci95=[difference - 0.01, difference + 0.02],
+                            n=4, verdict=verdict))
+
+
+def test_pruning_sweep_lists_each_run_at_its_target_row(tmp_path, monkeypatch):
+    import json
+
+    for name, run in {"pruning_quality.json": _pruning_run(64, 0.5, -0.561, "missed"),
+                      "pruning_quality_b.json": _pruning_run(8, 0.05, 0.007, "met"),
+                      "pruning_quality_smoke.json": _pruning_run(2, 1.0, 0.0, "met")}.items():
+        (tmp_path / name).write_text(json.dumps(run))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    lines = report.render("pruning_sweep").splitlines()
+    rows = [ln for ln in lines if ln.startswith("| `")]
+    assert rows == [
+        "| `pruning_quality.json` | 64 | 10 | 1 | 0.5 | 0.1 | 8 | 0.061 / 2.400 | 6 | -20.1% | -9.0% | 4 | "
+        "-56.1 [-57.1, -54.1] | missed |",
+        "| `pruning_quality_b.json` | 8 | 10 | 1 | 0.05 | 0.1 | 8 | 0.061 / 2.400 | 6 | -20.1% | -9.0% | 4 | "
+        "+0.7 [-0.3, +2.7] | met |",
+    ]  # the smoke run is left out; the -20% row, not the -30% one
