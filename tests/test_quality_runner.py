@@ -40,18 +40,20 @@ def test_plan_fits_the_three_hour_budget_and_names_every_script():
 
 def test_plan_sums_measured_minutes_only_when_all_were_measured():
     runs = quality.RUNS[:2]
-    log = {runs[0].name: dict(returncode=0, seconds=600.0)}
+    log = {runs[0].name: dict(command=runs[0].shown(), returncode=0, seconds=600.0)}
     lines = quality.plan(runs, log).splitlines()
     assert lines[1].split()[:4] == [runs[0].name, "tables", f"{runs[0].minutes:g}", "10"]
     assert lines[2].split()[3] == "-"
     assert lines[-1].split()[:3] == ["total", f"{runs[0].minutes + runs[1].minutes:g}", "-"]
-    log[runs[1].name] = dict(returncode=0, seconds=300.0)
+    log[runs[1].name] = dict(command=runs[1].shown(), returncode=0, seconds=300.0)
     assert quality.plan(runs, log).splitlines()[-1].split()[:3] == [
         "total", f"{runs[0].minutes + runs[1].minutes:g}", "15"]
-    log[runs[1].name] = dict(returncode=1, seconds=300.0)  # a failed run measured nothing
+    log[runs[1].name] = dict(command=runs[1].shown(), returncode=1, seconds=300.0)  # a failed run measured nothing
+    assert quality.plan(runs, log).splitlines()[-1].split()[2] == "-"
+    log[runs[1].name] = dict(command=runs[1].shown() + " --n 8", returncode=0, seconds=300.0)  # other settings
     assert quality.plan(runs, log).splitlines()[-1].split()[2] == "-"
     # a plan whose measured total is over the budget says so, though its planned minutes fit
-    log = {r.name: dict(returncode=0, seconds=6000.0) for r in runs}
+    log = {r.name: dict(command=r.shown(), returncode=0, seconds=6000.0) for r in runs}
     assert quality.plan(runs, log).splitlines()[-1].endswith("over it by 20: run the parts in turn)")
 
 
@@ -109,7 +111,7 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch, capsys):
     assert quality.main(["--only", "oracle_accuracy", "reference_model", "--no-report"]) == 0
     assert [Path(c[1]).stem for c in calls] == ["oracle_accuracy", "reference_model"]
     log = json.loads((tmp_path / "quality_run.json").read_text())
-    assert log["runs"]["reference_model"]["command"] == "python benchmarks/reference_model.py --threads 2"
+    assert log["runs"]["reference_model"]["command"] == "python benchmarks/reference_model.py --threads 2 --heldout 2048"
     calls.clear()
     log["runs"]["reference_model"]["returncode"] = 1  # a failed run is run again
     (tmp_path / "quality_run.json").write_text(json.dumps(log))
