@@ -111,7 +111,8 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch, capsys):
     assert quality.main(["--only", "oracle_accuracy", "reference_model", "--no-report"]) == 0
     assert [Path(c[1]).stem for c in calls] == ["oracle_accuracy", "reference_model"]
     log = json.loads((tmp_path / "quality_run.json").read_text())
-    assert log["runs"]["reference_model"]["command"] == "python benchmarks/reference_model.py --threads 2 --heldout 2048"
+    assert log["runs"]["reference_model"]["command"] == quality.by_name()["reference_model"].shown() == (
+        "python benchmarks/reference_model.py --threads 2 --heldout 2048")
     calls.clear()
     log["runs"]["reference_model"]["returncode"] = 1  # a failed run is run again
     (tmp_path / "quality_run.json").write_text(json.dumps(log))
