@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUN_LOG = "quality_run.json"
 #: Issue 16's budget for the whole run on the 2-core CPU; ``--plan`` sets the planned and the measured minutes
-#: against it (measured on 2026-12-07: 158 minutes for the whole plan).
+#: against it.
 BUDGET_MINUTES = 180
 PARTS = ("tables", "erasure")
 
@@ -118,25 +118,28 @@ def plan(runs, measured: dict | None = None) -> str:
     measured = measured or {}
     took = {r.name: _measured_minutes(r, measured) for r in runs}
     lines = [f"{'benchmark':<20} {'part':<8} {'minutes':>7} {'measured':>8}  settings"]
-    for r in runs:
-        m = took[r.name]
-        lines.append(f"{r.name:<20} {r.part:<8} {r.minutes:>7g} {'-' if m is None else f'{m:.0f}':>8}  "
-                     f"{' '.join(r.args) or '(its defaults)'} — {r.why}")
 
-    def sums(group) -> tuple[float, str]:
+    def shown(m: float | None) -> str:
+        return "-" if m is None else f"{m:.0f}"
+
+    def sums(group) -> tuple[float, float | None]:
         ms = [took[r.name] for r in group]
-        return sum(r.minutes for r in group), "-" if None in ms else f"{sum(ms):.0f}"
+        return sum(r.minutes for r in group), None if None in ms else sum(ms)
+
+    for r in runs:
+        lines.append(f"{r.name:<20} {r.part:<8} {r.minutes:>7g} {shown(took[r.name]):>8}  "
+                     f"{' '.join(r.args) or '(its defaults)'} — {r.why}")
 
     for part in PARTS:
         group = [r for r in runs if r.part == part]
         if group:
             planned, m = sums(group)
-            lines.append(f"part {part:<15} {planned:>7g} {m:>8}")
+            lines.append(f"part {part:<15} {planned:>7g} {shown(m):>8}")
     total, m = sums(runs)
-    worst = total if m == "-" else max(total, float(m))
+    worst = max(total, m or 0)
     verdict = (f"over it by {worst - BUDGET_MINUTES:g}: run the parts in turn" if worst > BUDGET_MINUTES
                else "within it")
-    lines.append(f"{'total':<20} {total:>7g} {m:>8}  (budget {BUDGET_MINUTES} minutes on 2 cores: {verdict})")
+    lines.append(f"{'total':<20} {total:>7g} {shown(m):>8}  (budget {BUDGET_MINUTES} minutes on 2 cores: {verdict})")
     return "\n".join(lines)
 
 

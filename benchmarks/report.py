@@ -418,8 +418,9 @@ def pruning_quality(data: dict) -> str:
 
 
 def pruning_sweep(files: dict) -> str:
-    """Every pruning_quality run of the fifth weights (default file and ``--tag`` side runs) side by side at the
-    target's row: how the mask-learning settings move the paired change in accuracy (same prompts and seeds)."""
+    """Every pruning_quality results file (the default run and the ``--tag`` side runs; files from before the
+    target was judged are left out) side by side at the target's row: how the mask-learning settings move the
+    paired change in accuracy (same prompts and seeds)."""
     out = ["Each row: one run of `benchmarks/pruning_quality.py` (results file in the first column) at its -20% "
            "row; change: paired bootstrap 95% interval of the mean accuracy against unpruned on the same prompts "
            "and seeds; final MSE / penalty: the mask-learning loss terms at its last step.", "",
