@@ -15,6 +15,11 @@ UA(r16) - UA(full) lies above -5 points -- at a fraction of the artifact size.
 
     python benchmarks/erasure_lora.py                 # reference model -> results/erasure_lora.json
     python benchmarks/erasure_lora.py --smoke         # tiny random pipeline + untrained oracle: logic only
+
+``--reuse erasure_methods.json`` takes the full fine-tuning rows (``esd-full``, ``advunlearn-full``) from a
+finished ``erasure_methods`` run measured with the same protocol and training flags (checked; that run's ESD and
+AdvUnlearn are the same jobs), so only the LoRA settings are trained. The documented run
+(``benchmarks/quality.py``'s plan) passes erasure_methods' settings and does this.
 """
 
 from __future__ import annotations
@@ -26,7 +31,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from erasure_methods import add_advunlearn_flags, method_config, training_state_bytes  # noqa: E402
-from erasure_quality import RATES, paired_rate_difference, parse_and_load, protocol_parser, run_and_write  # noqa: E402
+from erasure_quality import (  # noqa: E402
+    RATES,
+    load_for,
+    paired_rate_difference,
+    parse_settings,
+    protocol_parser,
+    reuse_flag,
+    run_and_write,
+)
 
 from diffkit.evaluation import verdict  # noqa: E402
 
@@ -77,18 +90,28 @@ def comparisons(details: dict, concepts, methods) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def parser():
     ap = protocol_parser(__doc__, METHODS, esd_steps=30, esd_lr=3e-4, n_prompts=32, seeds=[0, 1, 2, 3],
                          inference_steps=10, attack_prompts=32)
     add_advunlearn_flags(ap)
-    args, models = parse_and_load(ap, argv, "erasure_lora")
+    ap.add_argument("--reuse", default=None, metavar="JSON",
+                    help="take the full fine-tuning rows (esd-full, advunlearn-full) from this finished "
+                    "erasure_methods run (same protocol and training flags, checked) instead of training them again")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parse_settings(parser(), argv)
+    full = [m for m in args.methods if split(m)[1] is None]
+    prior = reuse_flag(args, full, "erasure_lora", rename={m: split(m)[0] for m in full})
+    models = load_for(args, "erasure_lora")
     if models is None:
         return 3
     for p in models[:2]:
         p.to(dtype=torch.float32)
     return run_and_write(args, models, "erasure_lora", lora_config, state_bytes,
                          lambda rows, details, concepts: comparisons(details, concepts, args.methods),
-                         targets_key="comparisons")
+                         targets_key="comparisons", prior=prior)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from erasure_quality import (  # noqa: E402  (part 1)
     paired_target,
     parse_settings,
     protocol_parser,
-    reuse_rows,
+    reuse_flag,
     run_and_write,
 )
 
@@ -151,13 +151,7 @@ def parser():
 
 def main(argv=None) -> int:
     args = parse_settings(parser(), argv)
-    prior = None
-    if args.reuse is not None:  # checked before the models load: a wrong file fails in a second, not a minute
-        try:
-            prior = reuse_rows(args.reuse, args, [m for m in args.methods if m in ("esd", "salun")])
-        except (OSError, ValueError) as e:
-            print(f"erasure_methods: --reuse: {e}", file=sys.stderr)
-            return 2
+    prior = reuse_flag(args, [m for m in args.methods if m in ("esd", "salun")], "erasure_methods")
     models = load_for(args, "erasure_methods")
     if models is None:
         return 3

@@ -494,35 +494,59 @@ PROTOCOL = ("smoke", "model", "classifier", "n_prompts", "seeds", "inference_ste
             "attack", "attack_prompts", "attack_steps", "attack_tokens", "attack_iterations", "attack_timesteps",
             "probes", "probe_candidates", "probe_strengths")
 #: Each reusable method's training flags.
-TRAINING = {"esd": ("esd_steps", "esd_lr"), "salun": ("salun_steps", "salun_lr", "salun_batch", "salun_images")}
+TRAINING = {"esd": ("esd_steps", "esd_lr"), "salun": ("salun_steps", "salun_lr", "salun_batch", "salun_images"),
+            "advunlearn": ("adv_steps", "adv_lr", "adv_attack", "adv_retain_batch")}
+#: Protocol settings a reused run may have measured more of than this run asks: its attacks must begin with this
+#: run's (the first fills the tables' attack column), its probes must include this run's. The rows keep the
+#: source's extra columns.
+MEASURED_MORE = {"attack": lambda there, here: (there or [])[:len(here or [])] == (here or []),
+                 "probes": lambda there, here: set(here or []) <= set(there or [])}
 
 
-def differing_settings(old: dict, args, keys) -> list[str]:
+def differing_settings(old: dict, args, keys, more: dict | None = None) -> list[str]:
     """The ``keys`` whose value in ``args`` differs from a results file's ``setting`` (compared as the JSON
-    stores them: tuples become lists)."""
-    return [k for k in keys if old.get(k) != json.loads(json.dumps(getattr(args, k, None)))]
+    stores them: tuples become lists); ``more``: key -> check(there, here) used instead of equality."""
+    same = {**{k: lambda there, here: there == here for k in keys}, **(more or {})}
+    return [k for k in keys if not same[k](old.get(k), json.loads(json.dumps(getattr(args, k, None))))]
 
 
-def reuse_rows(path: Path, args, methods) -> tuple[list[dict], dict, str]:
+def reuse_rows(path: Path, args, methods, rename: dict[str, str] | None = None) -> tuple[list[dict], dict, str]:
     """The rows and details of ``methods`` for every concept of ``args``, from a finished run's JSON (``path``,
     e.g. ``erasure_quality.json``) measured with the same protocol and training settings: the same jobs, prompts
-    and seeds give the same figures, so they need not be trained and measured again. ValueError naming every
+    and seeds give the same figures, so they need not be trained and measured again. The source may have run
+    more attacks and probes (:data:`MEASURED_MORE`). ``rename``: a method's name here -> its name in the source
+    (``{"esd-full": "esd"}``); the rows and details come back under the names here. ValueError naming every
     setting that differs, or the method / concept missing."""
+    rename = rename or {}
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     if not data.get("complete"):
         raise ValueError(f"{path}: a partial run; its rows cannot be reused")
     old = data["setting"]
+    there = {m: rename.get(m, m) for m in methods}
+    keys = PROTOCOL + tuple(k for m in methods for k in TRAINING[there[m]])
     diff = [f"{k} ({old.get(k)!r} there, {getattr(args, k)!r} here)"
-            for k in differing_settings(old, args, PROTOCOL + tuple(k for m in methods for k in TRAINING[m]))]
+            for k in differing_settings(old, args, keys, MEASURED_MORE)]
     if diff:
         raise ValueError(f"{path} was measured with other settings: {', '.join(diff)}")
-    rows = [r for r in data["results"] if r["method"] in methods and r["concept"] in args.concepts]
-    missing = [f"{m}-{c}" for c in args.concepts for m in methods
-               if not any(r["method"] == m and r["concept"] == c for r in rows)]
+    found = {(r["method"], r["concept"]): r for r in data["results"]}
+    missing = [f"{there[m]}-{c}" for c in args.concepts for m in methods if (there[m], c) not in found]
     if missing:
         raise ValueError(f"{path} has no row for {', '.join(missing)}")
-    details = {f"{r['method']}-{r['concept']}": data["details"][f"{r['method']}-{r['concept']}"] for r in rows}
+    rows = [dict(found[there[m], c], method=m) for c in args.concepts for m in methods]
+    details = {f"{m}-{c}": data["details"][f"{there[m]}-{c}"] for c in args.concepts for m in methods}
     return rows, details, Path(path).name
+
+
+def reuse_flag(args, methods, script: str, rename: dict[str, str] | None = None) -> tuple[list, dict, str] | None:
+    """``--reuse FILE``'s rows (:func:`reuse_rows`), None without the flag; exit status 2 after a message naming
+    the problem when FILE cannot be reused. Call it before the models load: a wrong file fails in a second."""
+    if args.reuse is None:
+        return None
+    try:
+        return reuse_rows(args.reuse, args, methods, rename=rename)
+    except (OSError, ValueError) as e:
+        print(f"{script}: --reuse: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def resumed_jobs(path: Path, args) -> tuple[list[dict], dict, list[dict]]:

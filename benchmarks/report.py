@@ -611,10 +611,18 @@ def erasure_targets(data: dict) -> str:
     return "\n".join([_erasure_caption(data, "erasure_methods"), "", *_erasure_targets(data)])
 
 
+#: The documented LoRA comparison: erasure_methods' protocol and ESD / AdvUnlearn training flags, its full
+#: fine-tuning rows reused, UnlearnDiffAtk only (the table's attack column).
+LORA_COMMAND = ("python benchmarks/erasure_lora.py --n-prompts 64 --seeds 0 1 --attack-prompts 32 --attack "
+                "unlearndiffatk --attack-timesteps 10 --esd-steps 300 --esd-lr 5e-4 --sample-steps 10 "
+                "--inference-steps 15 --adv-steps 200 --adv-lr 2e-4 --attack-steps 20 --reuse "
+                "benchmarks/results/erasure_methods.json")
+
+
 def erasure_lora(data: dict | None) -> str:
     """LoRA ranks against full fine-tuning of the same method, with the paired UA difference and issue 20's claim
     (benchmarks/erasure_lora.py); owed while its JSON does not exist."""
-    command = "python benchmarks/erasure_lora.py"
+    command = LORA_COMMAND
     if data is None:
         return (f"_owed: run `{command}` (ESD and AdvUnlearn, full fine-tuning against LoRA ranks 4 and 16; not "
                 "measured yet)._")
@@ -626,8 +634,11 @@ def erasure_lora(data: dict | None) -> str:
         return ["—" if d is None else _est(d["difference"], d["ci95"], 100, 1, sign=True),
                 c.get("verdict_ua_within_5pt", "—")]
 
+    reused = data.get("reused")
+    source = (f" The full fine-tuning rows ({', '.join(reused['methods'])}) are {reused['source']}'s, the same jobs "
+              "(settings checked)." if reused else "")
     return "\n".join([_erasure_caption(data, "erasure_lora", command) + " UA - full: paired bootstrap over the same "
-                      "images.", "",
+                      "images." + source, "",
                       *_erasure_main(data, (("artifact KiB", "storage_kib", "{:.0f}"),),
                                      extra_heads=("UA - full, points [95% CI]", "UA - full >= -5 points"),
                                      extra_cells=claim)])

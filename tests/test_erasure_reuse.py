@@ -128,19 +128,62 @@ def test_reuse_rows_checks_every_setting(tmp_path):
         reuse_rows(path, _args(), ["esd"])
 
 
+def test_reuse_rows_renames_and_takes_a_source_that_measured_more(tmp_path):
+    """erasure_lora reuses erasure_methods' ESD / AdvUnlearn rows as its ``-full`` rows: the source may have run
+    more attacks (this run's must be its first ones) and more probes, and AdvUnlearn's training flags are
+    checked."""
+    adv = dict(adv_steps=200, adv_lr=2e-4, adv_attack="sign", adv_retain_batch=2)
+    path = _finished(tmp_path, attack=["unlearndiffatk", "soft-prompt"], probes=["noise-search", "completion"],
+                     **adv)
+    data = json.loads(path.read_text())
+    data["results"].append(dict(concept="star", method="advunlearn", ua=0.8))
+    data["details"]["advunlearn-star"] = {"report": {"ua": 0.8}}
+    path.write_text(json.dumps(data))
+    rename = {"esd-full": "esd", "advunlearn-full": "advunlearn"}
+    rows, details, _ = reuse_rows(path, _args(probes=[], **adv), list(rename), rename=rename)
+    assert [(r["method"], r["ua"]) for r in rows] == [("esd-full", 1.0), ("advunlearn-full", 0.8)]
+    assert details == {"esd-full-star": {"report": {}}, "advunlearn-full-star": {"report": {"ua": 0.8}}}
+    assert reuse_rows(path, _args(attack=["unlearndiffatk", "soft-prompt"], probes=["completion"], **adv),
+                      ["esd-full"], rename=rename)[0][0]["method"] == "esd-full"
+    with pytest.raises(ValueError, match=r"other settings: attack \(\['unlearndiffatk', 'soft-prompt'\] there, "
+                                         r"\['soft-prompt'\] here\)"):
+        reuse_rows(path, _args(attack=["soft-prompt"], **adv), ["esd-full"], rename=rename)
+    with pytest.raises(ValueError, match=r"other settings: probes"):
+        reuse_rows(path, _args(probes=["inpainting"], **adv), ["esd-full"], rename=rename)
+    with pytest.raises(ValueError, match=r"other settings: adv_lr \(0.0002 there, 0.001 here\)"):
+        reuse_rows(path, _args(**{**adv, "adv_lr": 1e-3}), list(rename), rename=rename)
+    with pytest.raises(ValueError, match=r"has no row for esd-red, advunlearn-red"):  # named as in the source
+        reuse_rows(path, _args(concepts=["star", "red"], **adv), list(rename), rename=rename)
+
+
+def test_erasure_lora_reuse_fails_before_the_models_load(tmp_path, monkeypatch, capsys):
+    import erasure_lora
+
+    loaded = []
+    monkeypatch.setattr(erasure_lora, "load_for", lambda *a: loaded.append(a))
+    with pytest.raises(SystemExit) as stop:
+        erasure_lora.main(["--smoke", "--reuse", str(tmp_path / "none.json")])
+    assert stop.value.code == 2 and loaded == []
+    err = capsys.readouterr().err
+    assert err.startswith("erasure_lora: --reuse: ") and "none.json" in err
+
+
 def test_a_bad_reuse_file_fails_before_the_models_load(tmp_path, monkeypatch, capsys):
     import erasure_methods
 
     loaded = []
     monkeypatch.setattr(erasure_methods, "load_for", lambda *a: loaded.append(a))
     missing = tmp_path / "none.json"
-    assert erasure_methods.main(["--smoke", "--reuse", str(missing)]) == 2
-    assert loaded == []
+    with pytest.raises(SystemExit) as stop:
+        erasure_methods.main(["--smoke", "--reuse", str(missing)])
+    assert stop.value.code == 2 and loaded == []
     err = capsys.readouterr().err
     assert err.startswith("erasure_methods: --reuse: ") and "none.json" in err
     path = tmp_path / "other.json"
     path.write_text(json.dumps(dict(complete=False)))
-    assert erasure_methods.main(["--smoke", "--reuse", str(path)]) == 2 and loaded == []
+    with pytest.raises(SystemExit) as stop:
+        erasure_methods.main(["--smoke", "--reuse", str(path)])
+    assert stop.value.code == 2 and loaded == []
     assert "a partial run; its rows cannot be reused" in capsys.readouterr().err
 
 

@@ -236,8 +236,11 @@ def test_old_format_renders_stale_with_dashes():
 
 def test_lora_table_owed_then_rendered(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "RESULTS", tmp_path)
-    assert report.render("erasure_lora") == ("_owed: run `python benchmarks/erasure_lora.py` (ESD and AdvUnlearn, "
+    assert report.render("erasure_lora") == (f"_owed: run `{report.LORA_COMMAND}` (ESD and AdvUnlearn, "
                                              "full fine-tuning against LoRA ranks 4 and 16; not measured yet)._")
+    # the documented command parses, with erasure_methods' protocol, and reuses its full fine-tuning rows
+    args = erasure_lora.parser().parse_args(report.LORA_COMMAND.split()[2:])
+    assert args.reuse == "benchmarks/results/erasure_methods.json" and args.attack == ["unlearndiffatk"]
     jobs = [("red", "esd-full", outcomes(ua=128), [0] * A), ("red", "esd-r16", outcomes(ua=120), [0] * A),
             ("red", "esd-r4", outcomes(ua=64), [0] * A)]
     data = payload("erasure_lora", jobs, ("esd-full", "esd-r4", "esd-r16"),
@@ -254,6 +257,10 @@ def test_lora_table_owed_then_rendered(tmp_path, monkeypatch):
     assert r4["UA - full >= -5 points"] == "missed"
     full = dict(zip(head, cells(row_of(table, "red (color)", "esd-full"))))
     assert full["UA - full >= -5 points"] == "—"
+    assert "are erasure_methods.json's" not in table
+    reused = report.erasure_lora(dict(data, reused=dict(methods=["esd-full"], source="erasure_methods.json")))
+    assert ("The full fine-tuning rows (esd-full) are erasure_methods.json's, the same jobs (settings checked)."
+            in reused)
 
 
 @pytest.mark.parametrize("key", ["ua", "ira", "cra"])
