@@ -365,7 +365,8 @@ def robustness(args, erased, prompts, judge, score, targets) -> dict:
         else:
             cfg = UnlearnDiffAtkConfig(prefix_tokens=args.attack_tokens, iterations=args.attack_iterations,
                                        timesteps=args.attack_timesteps, guidance_scale=args.guidance,
-                                       num_inference_steps=args.inference_steps)
+                                       num_inference_steps=args.inference_steps,
+                                       batch_size=len(prompts))  # one batch: a prompt's result is its own alone
         rep = attack_success_rate(erased, prompts, judge, targets, cfg, attack=name)
         r = rate(rep.hits)
         key = name.replace("-", "_")

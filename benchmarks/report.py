@@ -611,6 +611,25 @@ def erasure_targets(data: dict) -> str:
     return "\n".join([_erasure_caption(data, "erasure_methods"), "", *_erasure_targets(data)])
 
 
+def attack_batch_speed(data: dict) -> str:
+    """UnlearnDiffAtk's prompts in batches against one at a time (benchmarks/attack_batch_speed.py)."""
+    s = data["setting"]
+    rows = [f"{s['prompts']} forget prompts of \"star\", {s['prefix_tokens']} tokens, {s['iterations']} iterations x "
+            f"{s['timesteps']} timesteps, {s['num_inference_steps']}-step generations; "
+            f"{data['environment']['device']}, {data['environment']['cpu_threads']} threads; measured "
+            f"{data['environment']['date'][:10]}. Speed-up: median over {s['repeats']} interleaved repeats of "
+            f"time(batch 1) / time(batch B), 95% bootstrap interval.", "",
+            "| batch size | baseline | n | speed-up [95% CI] | s / prompt | baseline s / prompt "
+            "| same tokens as batch 1 |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in data["results"]:
+        lo, hi = r["ci95"]
+        rows.append(f"| {r['batch_size']} | {r['baseline']} | {r['n']} | {r['speedup']:.2f}x [{lo:.2f}, {hi:.2f}] | "
+                    f"{r['s_per_prompt']:.2f} | {r['baseline_s_per_prompt']:.2f} | "
+                    f"{'yes' if r['same_tokens'] else 'no'} |")
+    return "\n".join(rows)
+
+
 #: The documented LoRA comparison: erasure_methods' protocol and ESD / AdvUnlearn training flags, its full
 #: fine-tuning rows reused, UnlearnDiffAtk only (the table's attack column).
 LORA_COMMAND = ("python benchmarks/erasure_lora.py --n-prompts 64 --seeds 0 1 --attack-prompts 32 --attack "
@@ -724,6 +743,7 @@ TABLES = {
     "erasure_methods": ("erasure_methods.json", erasure_methods),
     "erasure_targets": ("erasure_methods.json", erasure_targets),
     "erasure_lora": ("erasure_lora.json", erasure_lora),
+    "attack_batch_speed": ("attack_batch_speed.json", attack_batch_speed),
 }
 #: tables rendered from ``None`` while their results file does not exist yet (what is owed)
 OPTIONAL = {"gpu_suite", "erasure_lora"}

@@ -25,6 +25,7 @@ from diffkit.erasure.unlearndiffatk import (
     nearest_tokens,
     project_simplex,
     unlearndiffatk,
+    unlearndiffatk_batch,
 )
 from diffkit.evaluation.stats import wilson_interval
 
@@ -146,11 +147,56 @@ def test_early_stop_at_the_first_success_and_the_reference_schedule(load_tiny):
     assert pre.prompt_ids == enc.token_ids(["a star"])[0].tolist()
 
 
+def test_a_batch_is_each_prompt_attacked_alone(load_tiny):
+    """unlearndiffatk_batch on four prompts (batches of 3 and 1) equals unlearndiffatk on each alone (its own
+    index, seed and target): the same success, stopping point, token ids, image, and losses up to the batched
+    kernels' round-off, with prompts that stop at different timesteps. The judge reads the image only (its
+    mean above a level); where each prompt stops is predicted from a run that never stops."""
+    pipe = load_tiny("sd15")
+    prompts = ["a red star", "a blue moon", "a green square", "red"]
+    targets = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cfg = UnlearnDiffAtkConfig(prefix_tokens=2, iterations=2, timesteps=4, num_inference_steps=2, seed=7,
+                               batch_size=3)
+    means: list[list[float]] = []
+    for i, p in enumerate(prompts):  # every generation of each prompt's full attack (plain, then 4)
+        seen: list[float] = []
+        unlearndiffatk(pipe, p, lambda im, seen=seen: [seen.append(float(im.mean())) or False], targets[i:i + 1],
+                       cfg, index=i)
+        means.append(seen)
+
+    def stops(level):  # the first generation above the level (0: the plain prompt), None: never
+        return [next((e for e, m in enumerate(ms) if m > level), None) for ms in means]
+
+    levels = sorted({(m + 1e-4) for ms in means for m in ms})  # between values: no verdict sits on the level
+    level = max(levels, key=lambda v: len(set(stops(v))))
+    expected = stops(level)
+    assert len(set(expected)) >= 3, expected  # prompts stop at different points (and one may never)
+
+    def judge(images):
+        return [bool(im.mean() > level) for im in images]
+
+    alone = [unlearndiffatk(pipe, p, judge, targets[i:i + 1], cfg, index=i) for i, p in enumerate(prompts)]
+    batched = unlearndiffatk_batch(pipe, prompts, judge, targets, cfg)
+    for i, (a, b, stop) in enumerate(zip(alone, batched, expected)):
+        assert (a.success, a.pre_attack, a.evaluations) == (stop is not None, stop == 0, 4 if stop is None else stop)
+        assert (b.success, b.pre_attack, b.evaluations, b.seed) == (a.success, a.pre_attack, a.evaluations, 7 + i)
+        assert b.prompt_ids == a.prompt_ids and b.adversarial_ids == a.adversarial_ids and b.text == a.text
+        assert len(b.losses) == len(a.losses) == 2 * a.evaluations
+        assert torch.allclose(torch.tensor(b.losses), torch.tensor(a.losses), rtol=1e-4, atol=1e-6)
+        assert b.image.shape == a.image.shape == (1, 3, 64, 64)
+        assert torch.allclose(b.image, a.image, atol=1e-4)
+    with pytest.raises(ValueError, match=r"target_latents must hold one latent \(N, C, h, w\) per prompt \(4\)"):
+        unlearndiffatk_batch(pipe, prompts, judge, targets[:2], cfg)
+    with pytest.raises(ValueError, match=r"judge must return one verdict per image \(3\), got 1"):
+        unlearndiffatk_batch(pipe, prompts, lambda im: [False], targets, cfg)
+
+
 def test_attack_success_rate_takes_an_attack_choice(load_tiny):
     pipe = load_tiny("sd15")
     assert ATTACKS == ("unlearndiffatk", "soft-prompt")
     targets = torch.randn(2, 4, 8, 8)
-    verdicts = iter([False, False, False, True])  # prompt 0: plain no, attacked no, no; prompt 1: plain yes
+    # the prompts are attacked together: both plain prompts judged first (0: no, 1: yes), then prompt 0 alone
+    verdicts = iter([False, True, False, False])
 
     def judge(images):
         return [next(verdicts) for _ in range(len(images))]

@@ -38,7 +38,7 @@ from ..noise import add_noise, prediction_target, training_level
 from .conditioning import PromptEncoder, refuse_sdxl
 from .fields import check_choice, check_integers, check_number
 from .sampling import ddim_scheduler
-from .unlearndiffatk import UnlearnDiffAtkConfig, unlearndiffatk
+from .unlearndiffatk import UnlearnDiffAtkConfig, unlearndiffatk_batch
 
 UPDATES = ("adam", "sign")
 ATTACKS = ("unlearndiffatk", "soft-prompt")
@@ -209,8 +209,7 @@ def attack_success_rate(
     if attack == "soft-prompt":
         report = soft_prompt_success_rate(pipe, prompts, judge, target_latents, config)
     else:
-        results = [unlearndiffatk(pipe, p, judge, target_latents[i:i + 1], config, index=i)
-                   for i, p in enumerate(prompts)]
+        results = unlearndiffatk_batch(pipe, prompts, judge, target_latents, config)
         success = [r.success for r in results]
         pre = [r.pre_attack for r in results]
         report = AttackReport(sum(success) / len(prompts), sum(pre) / len(prompts), success, pre,

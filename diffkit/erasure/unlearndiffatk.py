@@ -66,7 +66,9 @@ class UnlearnDiffAtkConfig:
     iterations: optimisation steps per timestep (reference 40); timesteps: timesteps visited, one
     generation + judgement after each (reference 50); lr, weight_decay: Adam (reference 0.01, 0.1);
     relaxation: "simplex" (reference) or "nearest"; num_inference_steps, guidance_scale: generation
-    (reference 50, 7.5); seed: the evaluation seed of prompt i is ``seed + i``, the optimisation's draws too."""
+    (reference 50, 7.5); seed: the evaluation seed of prompt i is ``seed + i``, the optimisation's draws too;
+    batch_size: prompts attacked together by :func:`unlearndiffatk_batch` (not a setting of the attack: each
+    prompt's result is the one it gets alone, up to float round-off of the batched kernels)."""
 
     prefix_tokens: int = 5
     iterations: int = 40
@@ -77,9 +79,10 @@ class UnlearnDiffAtkConfig:
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
     seed: int = 0
+    batch_size: int = 8
 
     def __post_init__(self):
-        check_integers(self, ("prefix_tokens", "iterations", "timesteps", "num_inference_steps"))
+        check_integers(self, ("prefix_tokens", "iterations", "timesteps", "num_inference_steps", "batch_size"))
         check_number(self, "lr", positive=True)
         check_number(self, "weight_decay")
         check_choice(self, "relaxation", RELAXATIONS)
@@ -167,18 +170,24 @@ def encode_token_ids(text_encoder, tokenizer, ids: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
-def generate_from_ids(pipe, ids: torch.Tensor, *, seed: int, num_inference_steps: int,
+def generate_from_ids(pipe, ids: torch.Tensor, *, seed: int | Sequence[int], num_inference_steps: int,
                       guidance_scale: float) -> torch.Tensor:
-    """(1, 3, H, W) image in [0, 1] (CPU, float32) generated from the token ids ``ids`` (1, L), negative
-    prompt "" (the pipeline's own default), generator seeded with ``seed``."""
+    """(B, 3, H, W) images in [0, 1] (CPU, float32) generated from the token ids ``ids`` (B, L), negative
+    prompt "" (the pipeline's own default); row i's generator is seeded with ``seed[i]`` (an int: one row).
+    diffusers draws each row's initial noise from its own generator, so a row's image does not depend on
+    the others in the batch."""
+    seeds = [seed] if isinstance(seed, int) else [int(s) for s in seed]
+    if len(seeds) != ids.shape[0]:
+        raise ValueError(f"one seed per row of ids ({ids.shape[0]}), got {len(seeds)}")
     tok, te = pipe.tokenizer, pipe.text_encoder
     embeds = encode_token_ids(te, tok, ids)
     empty = tok([""], padding="max_length", max_length=tok.model_max_length, truncation=True,
                 return_tensors="pt").input_ids
-    neg = encode_token_ids(te, tok, empty)
+    neg = encode_token_ids(te, tok, empty).expand(len(seeds), -1, -1)
     dtype = pipe.unet.dtype
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
     out = pipe(prompt_embeds=embeds.to(dtype), negative_prompt_embeds=neg.to(dtype),
-               generator=torch.Generator().manual_seed(seed), num_inference_steps=num_inference_steps,
+               generator=gens[0] if len(gens) == 1 else gens, num_inference_steps=num_inference_steps,
                guidance_scale=guidance_scale, output_type="pt")
     return out.images.float().cpu()
 
@@ -230,82 +239,153 @@ def unlearndiffatk(
     by the original model. judge(images (B, 3, H, W) in [0, 1]) -> one bool per image (concept shown?).
     The U-Net and text encoder are frozen for the attack and their ``requires_grad`` flags restored after.
     SD 1.x/2.x pipelines only (its relaxation is over one text encoder's vocabulary table)."""
-    refuse_sdxl(pipe, "UnlearnDiffAtk")
-    tok, te, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
-    device = unet.device
-    seed = config.seed + index
-    gen_kw = dict(seed=seed, num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale)
-    encoder = PromptEncoder(tok, te, device, cache=False)
     if target_latents.dim() != 4 or target_latents.shape[0] != 1:
         raise ValueError(f"target_latents must be one latent (1, C, h, w), got {tuple(target_latents.shape)}")
+    return unlearndiffatk_batch(pipe, [prompt], judge, target_latents, config, indices=[index])[0]
 
-    plain = encoder.token_ids([prompt])
-    image = generate_from_ids(pipe, plain, **gen_kw)
-    if bool(judge(image)[0]):
-        text, same = _decoded(tok, plain)
-        return UnlearnDiffAtkResult(True, True, plain[0].tolist(), [], text, same, 0, seed, [], image)
 
+class _PromptAttack:
+    """One prompt's state in a batched attack: its generator (the draws it would make alone, in the same
+    order), its relaxed variable and its own Adam, its losses and its last discrete prompt."""
+
+    def __init__(self, prompt: str, index: int, plain: torch.Tensor, config: UnlearnDiffAtkConfig,
+                 table: torch.Tensor, allowed: torch.Tensor):
+        self.prompt, self.seed, self.ids = prompt, config.seed + index, plain
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.config, self.table, self.allowed = config, table, allowed
+        k = config.prefix_tokens
+        if config.relaxation == "simplex":
+            var = project_simplex(allowed.float().expand(k, -1).clone(), allowed)  # uniform over the candidates
+        else:
+            pick = allowed.nonzero().flatten()[torch.randint(0, int(allowed.sum()), (k,), generator=self.gen)]
+            var = table[pick.to(table.device)].float().clone()
+        self.var = var.requires_grad_(True)
+        self.opt = torch.optim.Adam([self.var], lr=config.lr, weight_decay=config.weight_decay)
+        self.losses: list[float] = []
+        self.evaluations, self.success = 0, False
+
+    def relaxed(self) -> torch.Tensor:
+        """(k, D) embeddings the forward pass sees."""
+        if self.config.relaxation == "simplex":
+            return _SampledOneHot.apply(self.var, self.gen) @ self.table.float()
+        v = self.var
+        return v + (self.table[nearest_tokens(v.detach(), self.table, self.allowed)].float() - v).detach()
+
+    def discrete(self) -> list[int]:
+        if self.config.relaxation == "simplex":
+            return self.var.detach().masked_fill(~self.allowed, float("-inf")).argmax(dim=-1).tolist()
+        return nearest_tokens(self.var.detach(), self.table, self.allowed).tolist()
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor) -> None:
+        self.var.grad = grad
+        self.opt.step()
+        self.var.grad = None
+        if self.config.relaxation == "simplex":
+            self.var.copy_(project_simplex(self.var, self.allowed))
+
+
+def unlearndiffatk_batch(
+    pipe,
+    prompts: Sequence[str],
+    judge: Callable[[torch.Tensor], Sequence[bool]],
+    target_latents: torch.Tensor,
+    config: UnlearnDiffAtkConfig = UnlearnDiffAtkConfig(),
+    *,
+    indices: Sequence[int] | None = None,
+) -> list[UnlearnDiffAtkResult]:
+    """:func:`unlearndiffatk` on each prompt (prompt i: ``index = indices[i]``, default i; target
+    ``target_latents[i]``), ``config.batch_size`` prompts at a time: per iteration one U-Net call for every
+    prompt still under attack, per timestep one generation and one judgement for them; a prompt leaves the
+    batch at its first success, the others go on. Each prompt keeps its own generator, relaxed variable and
+    Adam, and the loss is the sum of the per-prompt losses (the U-Net treats samples independently: group
+    norm and attention within a sample), so each prompt's gradient, draws, prompt and image are those of its
+    attack alone, up to float round-off of the batched kernels (tested)."""
+    refuse_sdxl(pipe, "UnlearnDiffAtk")
+    prompts = list(prompts)
+    indices = list(range(len(prompts))) if indices is None else [int(i) for i in indices]
+    if len(indices) != len(prompts):
+        raise ValueError(f"one index per prompt ({len(prompts)}), got {len(indices)}")
+    if target_latents.dim() != 4 or target_latents.shape[0] != len(prompts):
+        raise ValueError(f"target_latents must hold one latent (N, C, h, w) per prompt ({len(prompts)}), got "
+                         f"{tuple(target_latents.shape)}")
+    out: list[UnlearnDiffAtkResult] = []
+    for start in range(0, len(prompts), config.batch_size):
+        part = slice(start, start + config.batch_size)
+        out += _attack_batch(pipe, prompts[part], judge, target_latents[part], config, indices[part])
+    return out
+
+
+def _judged(judge, images: torch.Tensor) -> list[bool]:
+    verdicts = [bool(v) for v in judge(images)]
+    if len(verdicts) != images.shape[0]:
+        raise ValueError(f"judge must return one verdict per image ({images.shape[0]}), got {len(verdicts)}")
+    return verdicts
+
+
+def _attack_batch(pipe, prompts, judge, target_latents, config, indices) -> list[UnlearnDiffAtkResult]:
+    tok, te, unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+    device = unet.device
+    gen_kw = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale)
+    encoder = PromptEncoder(tok, te, device, cache=False)
     table = te.get_input_embeddings().weight.detach()
     allowed = candidate_mask(tok, table.shape[0]).to(table.device)
-    gen = torch.Generator().manual_seed(seed)
-    k = config.prefix_tokens
-    if config.relaxation == "simplex":
-        var = project_simplex(allowed.float().expand(k, -1).clone(), allowed)  # uniform over the candidates
-    else:
-        pick = allowed.nonzero().flatten()[torch.randint(0, int(allowed.sum()), (k,), generator=gen)]
-        var = table[pick.to(table.device)].float().clone()
-    var.requires_grad_(True)
-    opt = torch.optim.Adam([var], lr=config.lr, weight_decay=config.weight_decay)
+    plain = [encoder.token_ids([p]) for p in prompts]
+    seeds = [config.seed + i for i in indices]
 
-    def relaxed(v: torch.Tensor) -> torch.Tensor:  # (k, D) embeddings the forward pass sees
-        if config.relaxation == "simplex":
-            return _SampledOneHot.apply(v, gen) @ table.float()
-        return v + (table[nearest_tokens(v.detach(), table, allowed)].float() - v).detach()
-
-    def discrete(v: torch.Tensor) -> list[int]:
-        if config.relaxation == "simplex":
-            return v.detach().masked_fill(~allowed, float("-inf")).argmax(dim=-1).tolist()
-        return nearest_tokens(v.detach(), table, allowed).tolist()
+    images = generate_from_ids(pipe, torch.cat(plain), seed=seeds, **gen_kw)
+    shown = _judged(judge, images)
+    # the state is built in prompt order after the plain generations: each generator then makes the draws
+    # its prompt's attack alone makes
+    attacks = [_PromptAttack(p, i, ids, config, table, allowed) for p, i, ids in zip(prompts, indices, plain)]
+    active = [j for j, s in enumerate(shown) if not s]
+    final = list(images)
 
     x0 = target_latents.to(device=device, dtype=torch.float32)
     alphas = pipe.scheduler.alphas_cumprod
     prediction_type = pipe.scheduler.config.prediction_type
     T = int(pipe.scheduler.config.num_train_timesteps)
+    k = config.prefix_tokens
     flags = [(p, p.requires_grad) for p in list(unet.parameters()) + list(te.parameters())]
     unet.requires_grad_(False)
     te.requires_grad_(False)
-    losses: list[float] = []
-    success, evaluations, ids = False, 0, plain
     try:
-        for t in attack_timesteps(T, config.timesteps):
+        for t in attack_timesteps(T, config.timesteps) if active else []:
             tt = torch.tensor([t], device=device)
             level = training_level(alphas, tt)
             for _ in range(config.iterations):
-                noise = torch.randn(x0.shape, generator=gen).to(x0)
-                x_t = add_noise(x0, noise, level)
-                target = prediction_target(x0, noise, level, prediction_type)
+                noise = torch.stack([torch.randn(x0.shape[1:], generator=attacks[j].gen) for j in active]).to(x0)
+                x_t = add_noise(x0[active], noise, level)
+                target = prediction_target(x0[active], noise, level, prediction_type)
                 with torch.enable_grad():
-                    cond = encoder.encode([prompt], relaxed(var))
-                    pred = unet(x_t.to(unet.dtype), tt, encoder_hidden_states=cond.to(unet.dtype)).sample.float()
-                    loss = F.mse_loss(pred, target.float())
-                    (grad,) = torch.autograd.grad(loss, [var])
-                losses.append(float(loss.detach()))
-                with torch.no_grad():
-                    var.grad = grad
-                    opt.step()
-                    var.grad = None
-                    if config.relaxation == "simplex":
-                        var.copy_(project_simplex(var, allowed))
-            ids = prompt_token_ids(encoder, prompt, discrete(var))
-            image = generate_from_ids(pipe, ids, **gen_kw)
-            evaluations += 1
-            if bool(judge(image)[0]):
-                success = True
+                    cond = encoder.encode([prompts[j] for j in active],
+                                          torch.stack([attacks[j].relaxed() for j in active]))
+                    pred = unet(x_t.to(unet.dtype), tt.expand(len(active)),
+                                encoder_hidden_states=cond.to(unet.dtype)).sample.float()
+                    per_prompt = (pred - target.float()).pow(2).flatten(1).mean(dim=1)  # F.mse_loss of each
+                    grads = torch.autograd.grad(per_prompt.sum(), [attacks[j].var for j in active])
+                for j, loss, grad in zip(active, per_prompt.detach().tolist(), grads):
+                    attacks[j].losses.append(loss)
+                    attacks[j].step(grad)
+            for j in active:
+                attacks[j].ids = prompt_token_ids(encoder, prompts[j], attacks[j].discrete())
+                attacks[j].evaluations += 1
+            images = generate_from_ids(pipe, torch.cat([attacks[j].ids for j in active]),
+                                       seed=[seeds[j] for j in active], **gen_kw)
+            for j, image, hit in zip(active, images, _judged(judge, images)):
+                final[j] = image
+                attacks[j].success = hit
+            active = [j for j in active if not attacks[j].success]
+            if not active:
                 break
     finally:
         for p, f in flags:
             p.requires_grad_(f)
-    text, same = _decoded(tok, ids)
-    adversarial = ids[0, 1:1 + k].tolist()
-    return UnlearnDiffAtkResult(success, False, ids[0].tolist(), adversarial, text, same, evaluations, seed,
-                                losses, image)
+    results = []
+    for j, a in enumerate(attacks):
+        ids = plain[j] if shown[j] else a.ids
+        text, same = _decoded(tok, ids)
+        results.append(UnlearnDiffAtkResult(
+            shown[j] or a.success, shown[j], ids[0].tolist(), [] if shown[j] else ids[0, 1:1 + k].tolist(), text,
+            same, a.evaluations, a.seed, a.losses, final[j][None]))
+    return results
