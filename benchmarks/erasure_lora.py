@@ -57,9 +57,14 @@ def split(name: str) -> tuple[str, int | None]:
 
 
 def lora_config(name: str, concept: str, args):
+    """The method's job (``erasure_methods.method_config``); for a LoRA setting on the same layers with
+    alpha = rank, at ``--lora-lr-scale`` times the method's learning rate (default: the same)."""
     base, rank = split(name)
     cfg = method_config(base, concept, args)
-    return cfg if rank is None else cfg.replace(parametrization="lora", lora_rank=rank, lora_alpha=None)
+    if rank is None:
+        return cfg
+    scale = getattr(args, "lora_lr_scale", None) or 1.0
+    return cfg.replace(parametrization="lora", lora_rank=rank, lora_alpha=None, lr=cfg.lr * scale)
 
 
 def state_bytes(metrics: dict, name: str) -> int:
@@ -97,6 +102,9 @@ def parser():
     ap.add_argument("--reuse", default=None, metavar="JSON",
                     help="take the full fine-tuning rows (esd-full, advunlearn-full) from this finished "
                     "erasure_methods run (same protocol and training flags, checked) instead of training them again")
+    # None (not 1.0) by default: a results file from before this flag resumes with the same settings
+    ap.add_argument("--lora-lr-scale", type=float, default=None,
+                    help="LoRA settings train at this multiple of the method's learning rate (default 1)")
     return ap
 
 

@@ -263,6 +263,21 @@ def test_lora_table_owed_then_rendered(tmp_path, monkeypatch):
             in reused)
 
 
+def test_lora_jobs_are_the_methods_jobs_on_lora_at_the_chosen_learning_rate():
+    base = report.LORA_COMMAND.split()[2:]
+    args = erasure_lora.parser().parse_args(base)
+    assert args.lora_lr_scale is None  # a file from before the flag resumes with the same settings
+    full, r16 = (erasure_lora.lora_config(m, "star", args) for m in ("esd-full", "esd-r16"))
+    assert full == erasure_methods.method_config("esd", "star", args) and full.parametrization == "full"
+    assert r16 == full.replace(parametrization="lora", lora_rank=16, lora_alpha=None)
+    assert r16.lr == 5e-4 and r16.lora_rank == 16
+    scaled = erasure_lora.parser().parse_args([*base, "--lora-lr-scale", "10"])
+    assert erasure_lora.lora_config("esd-r16", "star", scaled).lr == pytest.approx(5e-3)
+    assert erasure_lora.lora_config("esd-full", "star", scaled) == full  # full fine-tuning keeps its rate
+    adv = erasure_lora.lora_config("advunlearn-r4", "red", scaled)
+    assert adv.lr == pytest.approx(2e-3) and adv.method == "advunlearn" and adv.lora_rank == 4
+
+
 @pytest.mark.parametrize("key", ["ua", "ira", "cra"])
 def test_paired_difference_of_identical_outcomes_is_zero(key):
     o = outcomes(ua=100, ira=90, cra=110, ira_unscored=4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -71,14 +72,21 @@ SHARD_SCRIPT = textwrap.dedent(
 )
 
 
+def _free_port() -> int:
+    # a fixed port can still be held by an earlier launch (TIME_WAIT): one CI run's gloo rendezvous aborted there
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_sharded_generation_matches_single_process(tiny_paths, load_tiny, tmp_path):
     script = tmp_path / "shard.py"
     script.write_text(SHARD_SCRIPT.format(prompts=PROMPTS, seeds=SEEDS, call=CALL))
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     # accelerate's multi-process launcher (torchrun underneath); without CUDA the processes use gloo on CPU
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531",
-           str(script), str(tiny_paths["sd15"]), str(tmp_path)]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(_free_port()), str(script), str(tiny_paths["sd15"]), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.set_num_threads(1)  # as the processes (OMP_NUM_THREADS=1): the same float reductions, bit for bit
