@@ -30,6 +30,11 @@ Optimisation, as the reference code does it:
   already shows the concept is a success with no attack (the reference's ``pre-ASR``, counted in the
   ASR as in its ``check_asr.py``).
 
+Prompts in batches (``unlearndiffatk_batch``; ``batch_size``): the reference attacks one prompt at a time.
+Here the prompts still under attack share each U-Net call and each timestep's generation and judgement;
+each keeps its own generator, distribution and Adam, and the loss is the sum of the per-prompt losses, so a
+prompt's result is its attack alone up to float round-off (the U-Net treats samples independently).
+
 Settings (``UnlearnDiffAtkConfig``): the defaults are the reference values (k = 5 as its nudity and style
 configs, 3 in its object configs; 40 iterations; 50 timesteps; lr 0.01; weight decay 0.1; 50 sampling
 steps; guidance 7.5). Smaller budgets are for small models and CPU runs; say which ones you used.
