@@ -611,6 +611,36 @@ def erasure_targets(data: dict) -> str:
     return "\n".join([_erasure_caption(data, "erasure_methods"), "", *_erasure_targets(data)])
 
 
+def advunlearn_sweep(files: dict) -> str:
+    """AdvUnlearn in every erasure_methods results file with intervals (the documented run and ``--tag`` side
+    runs, e.g. the reference's 30-step inner attack), per concept: its training settings, UA, UnlearnDiffAtk
+    success beside ESD's on the same prompts, and issue 17's "at most half of ESD's" on its interval."""
+    out = ["Each row: AdvUnlearn in one run of `benchmarks/erasure_methods.py` (results file in the first column; "
+           "files from before the intervals left out). Inner attack: `sign` = one signed step (the fast variant), "
+           "`adam` = the reference's PGD (30 steps unless set). ASR: UnlearnDiffAtk over the run's forget prompts; "
+           "ASR_adv - 0.5 ASR_esd: paired bootstrap over those prompts (target <= 0).", "",
+           *_header("results file", "concept", "steps", "lr", "inner attack", "train s", "UA forget [95% CI]",
+                    "ASR AdvUnlearn [95% CI]", "ASR ESD [95% CI]", "ASR_adv - 0.5 ASR_esd, points [95% CI]",
+                    "verdict (<= 0)")]
+    for name, data in files.items():
+        if "stats" not in data or "advunlearn" not in data["setting"].get("methods", []):
+            continue
+        s = data["setting"]
+        rows = {(r["concept"], r["method"]): r for r in data["results"]}
+        for concept in s["concepts"]:
+            adv, esd = rows.get((concept, "advunlearn")), rows.get((concept, "esd"))
+            if adv is None:
+                continue
+            t = data.get("targets", {}).get(concept, {}).get("advunlearn_asr_le_half_esd", {})
+            out.append("| " + " | ".join([
+                f"`{name}`", concept, str(s["adv_steps"]), f"{s['adv_lr']:g}", s["adv_attack"], f"{adv['train_s']:.0f}",
+                _share(adv["ua"], adv.get("ua_ci95")), _share(adv["asr"], adv.get("asr_unlearndiffatk_ci95")),
+                "—" if esd is None else _share(esd["asr"], esd.get("asr_unlearndiffatk_ci95")),
+                _est(t["estimate"], t["ci95"], 100, 1, sign=True) if "ci95" in t else "—",
+                t.get("verdict", "—")]) + " |")
+    return "\n".join(out)
+
+
 def attack_batch_speed(data: dict) -> str:
     """UnlearnDiffAtk's prompts in batches against one at a time (benchmarks/attack_batch_speed.py)."""
     s = data["setting"]
@@ -744,6 +774,7 @@ TABLES = {
     "erasure_targets": ("erasure_methods.json", erasure_targets),
     "erasure_lora": ("erasure_lora.json", erasure_lora),
     "attack_batch_speed": ("attack_batch_speed.json", attack_batch_speed),
+    "advunlearn_sweep": ("erasure_methods*.json", advunlearn_sweep),
 }
 #: tables rendered from ``None`` while their results file does not exist yet (what is owed)
 OPTIONAL = {"gpu_suite", "erasure_lora"}

@@ -62,3 +62,29 @@ def test_pruning_sweep_lists_each_run_at_its_target_row(tmp_path, monkeypatch):
         "| `pruning_quality_b.json` | 8 | 10 | 1 | 0.05 | 0.1 | 8 | 0.061 / 2.400 | 6 | -20.1% | -9.0% | 4 | "
         "+0.7 [-0.3, +2.7] | met |",
     ]  # the smoke run is left out; the -20% row, not the -30% one
+
+
+def test_advunlearn_sweep_lists_each_run_with_intervals(tmp_path, monkeypatch):
+    import json
+
+    def run(attack, asr_adv, verdict, stats=True):
+        rows = [dict(concept="red", method="esd", asr=1.0, asr_unlearndiffatk_ci95=[0.89, 1.0], train_s=40.0),
+                dict(concept="red", method="advunlearn", ua=1.0, ua_ci95=[0.97, 1.0], asr=asr_adv,
+                     asr_unlearndiffatk_ci95=[asr_adv - 0.1, asr_adv + 0.05], train_s=900.0)]
+        target = dict(estimate=asr_adv - 0.5, ci95=[asr_adv - 0.6, asr_adv - 0.4], verdict=verdict)
+        return dict(setting=dict(methods=["esd", "advunlearn"], concepts=["red"], adv_steps=200, adv_lr=2e-4,
+                                 adv_attack=attack), results=rows,
+                    targets={"red": {"advunlearn_asr_le_half_esd": target}}, **({"stats": {}} if stats else {}))
+
+    for name, data in {"erasure_methods.json": run("sign", 0.875, "missed"),
+                       "erasure_methods_adam.json": run("adam", 0.25, "met"),
+                       "erasure_methods_old.json": run("sign", 0.5, "missed", stats=False),
+                       "erasure_methods_smoke.json": run("sign", 0.0, "met")}.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    rows = [ln for ln in report.render("advunlearn_sweep").splitlines() if ln.startswith("| `")]
+    assert rows == [
+        "| `erasure_methods.json` | red | 200 | 0.0002 | sign | 900 | 100.0% [97.0, 100.0] | 87.5% [77.5, 92.5] | "
+        "100.0% [89.0, 100.0] | +37.5 [+27.5, +47.5] | missed |",
+        "| `erasure_methods_adam.json` | red | 200 | 0.0002 | adam | 900 | 100.0% [97.0, 100.0] | 25.0% [15.0, 30.0] | "
+        "100.0% [89.0, 100.0] | -25.0 [-35.0, -15.0] | met |"]
