@@ -140,7 +140,8 @@ class _SampledOneHot(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, generator):
-        ids = torch.multinomial(u.detach().clamp_min(0), 1, generator=generator).flatten()
+        # drawn on the CPU, where the seeded generator lives: the same draws on every device
+        ids = torch.multinomial(u.detach().clamp_min(0).cpu(), 1, generator=generator).flatten().to(u.device)
         return F.one_hot(ids, u.shape[-1]).to(u.dtype)
 
     @staticmethod
