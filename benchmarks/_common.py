@@ -96,13 +96,16 @@ def write_json(name: str, payload: dict) -> Path:
 
 
 def print_table(rows: list[dict]) -> None:
+    """Every column any row has, in first-seen order; "—" where a row lacks it (a row reused from a run that
+    measured more, beside this run's)."""
     if not rows:
         return
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols}
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    cell = {c: [_fmt(r[c]) if c in r else "—" for r in rows] for c in cols}
+    widths = {c: max(len(c), *(len(v) for v in cell[c])) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
-    for r in rows:
-        print("  ".join(_fmt(r[c]).ljust(widths[c]) for c in cols))
+    for i in range(len(rows)):
+        print("  ".join(cell[c][i].ljust(widths[c]) for c in cols))
 
 
 def _fmt(v) -> str:

@@ -641,6 +641,30 @@ def advunlearn_sweep(files: dict) -> str:
     return "\n".join(out)
 
 
+def erasure_lora_sweep(files: dict) -> str:
+    """Every LoRA setting in every erasure_lora results file (the documented run and ``--tag`` side runs, e.g. a
+    higher ``--lora-lr-scale``) with its learning rate and the claim UA(LoRA) - UA(full) >= -5 points."""
+    out = ["Each row: one LoRA setting in one run of `benchmarks/erasure_lora.py` (results file in the first "
+           "column) against full fine-tuning of the same method on the same images (paired bootstrap).", "",
+           *_header("results file", "concept", "setting", "lr", "train s", "artifact KiB", "UA forget [95% CI]",
+                    "UA - full, points [95% CI]", "UA - full >= -5 points")]
+    for name, data in files.items():
+        s, comps = data["setting"], data.get("comparisons", {})
+        scale = s.get("lora_lr_scale") or 1.0
+        for r in data["results"]:
+            c = comps.get(f"{r['method']}-{r['concept']}", {}).get("ua")
+            if c is None:
+                continue
+            base = r["method"].rpartition("-")[0]
+            lr = s["esd_lr"] if base == "esd" else s["adv_lr"]
+            out.append("| " + " | ".join([
+                f"`{name}`", r["concept"], r["method"], f"{lr * scale:g} ({scale:g} x full's)", f"{r['train_s']:.0f}",
+                f"{r['storage_kib']:.0f}", _share(r["ua"], r.get("ua_ci95")),
+                _est(c["difference"], c["ci95"], 100, 1, sign=True),
+                comps[f"{r['method']}-{r['concept']}"].get("verdict_ua_within_5pt", "—")]) + " |")
+    return "\n".join(out)
+
+
 def attack_batch_speed(data: dict) -> str:
     """UnlearnDiffAtk's prompts in batches against one at a time (benchmarks/attack_batch_speed.py)."""
     s = data["setting"]
@@ -775,6 +799,7 @@ TABLES = {
     "erasure_lora": ("erasure_lora.json", erasure_lora),
     "attack_batch_speed": ("attack_batch_speed.json", attack_batch_speed),
     "advunlearn_sweep": ("erasure_methods*.json", advunlearn_sweep),
+    "erasure_lora_sweep": ("erasure_lora*.json", erasure_lora_sweep),
 }
 #: tables rendered from ``None`` while their results file does not exist yet (what is owed)
 OPTIONAL = {"gpu_suite", "erasure_lora"}

@@ -254,3 +254,14 @@ def test_resume_starts_afresh_over_a_finished_run_of_other_settings(tmp_path):
     with pytest.raises(SystemExit, match=r"was measured with other settings \(n_prompts\)"):
         resumed_jobs(path, argparse.Namespace(n_prompts=64, resume=True))
     assert resumed_jobs(tmp_path / "none.json", argparse.Namespace()) == ([], {}, [])
+
+
+def test_print_table_shows_rows_with_other_columns(capsys):
+    """A reused row carries the source's extra attack columns; the run's own rows do not (erasure_lora's
+    final table crashed on this once)."""
+    from _common import print_table
+
+    print_table([dict(method="esd-full", ua=1.0, asr_soft_prompt=0.25), dict(method="esd-r4", ua=0.8125)])
+    assert capsys.readouterr().out.splitlines() == ["method    ua      asr_soft_prompt",
+                                                    "esd-full  1       0.25           ",
+                                                    "esd-r4    0.8125  —              "]

@@ -88,3 +88,29 @@ def test_advunlearn_sweep_lists_each_run_with_intervals(tmp_path, monkeypatch):
         "100.0% [89.0, 100.0] | +37.5 [+27.5, +47.5] | missed |",
         "| `erasure_methods_adam.json` | red | 200 | 0.0002 | adam | 900 | 100.0% [97.0, 100.0] | 25.0% [15.0, 30.0] | "
         "100.0% [89.0, 100.0] | -25.0 [-35.0, -15.0] | met |"]
+
+
+def test_erasure_lora_sweep_lists_each_lora_setting_with_its_rate(tmp_path, monkeypatch):
+    import json
+
+    def run(scale, ua_r16, verdict):
+        rows = [dict(concept="striped", method="esd-full", ua=0.977, ua_ci95=[0.933, 0.992], train_s=39.0,
+                     storage_kib=1319.0),
+                dict(concept="striped", method="esd-r16", ua=ua_r16, ua_ci95=[ua_r16 - 0.07, ua_r16 + 0.04],
+                     train_s=61.0, storage_kib=386.4)]
+        comp = {"esd-r16-striped": {"ua": dict(difference=ua_r16 - 0.977, ci95=[ua_r16 - 1.03, ua_r16 - 0.94]),
+                                    "verdict_ua_within_5pt": verdict}}
+        return dict(setting=dict(esd_lr=5e-4, adv_lr=2e-4, **({} if scale is None else {"lora_lr_scale": scale})),
+                    results=rows, comparisons=comp)
+
+    for name, data in {"erasure_lora.json": run(None, 0.891, "not resolved at this n"),
+                       "erasure_lora_lr4.json": run(4.0, 0.969, "not resolved at this n"),
+                       "erasure_lora_smoke.json": run(None, 1.0, "met")}.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    rows = [ln for ln in report.render("erasure_lora_sweep").splitlines() if ln.startswith("| `")]
+    assert rows == [
+        "| `erasure_lora.json` | striped | esd-r16 | 0.0005 (1 x full's) | 61 | 386 | 89.1% [82.1, 93.1] | "
+        "-8.6 [-13.9, -4.9] | not resolved at this n |",
+        "| `erasure_lora_lr4.json` | striped | esd-r16 | 0.002 (4 x full's) | 61 | 386 | 96.9% [89.9, 100.9] | "
+        "-0.8 [-6.1, +2.9] | not resolved at this n |"]
