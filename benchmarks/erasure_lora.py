@@ -19,11 +19,12 @@ UA(r16) - UA(full) lies above -5 points -- at a fraction of the artifact size.
 ``--reuse erasure_methods.json`` takes the full fine-tuning rows (``esd-full``, ``advunlearn-full``) from a
 finished ``erasure_methods`` run measured with the same protocol and training flags (checked; that run's ESD and
 AdvUnlearn are the same jobs), so only the LoRA settings are trained. The documented run
-(``benchmarks/quality.py``'s plan) passes erasure_methods' settings and does this.
+(``report.LORA_COMMAND``, shown in the table's caption) passes erasure_methods' settings and does this.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def lora_config(name: str, concept: str, args):
     cfg = method_config(base, concept, args)
     if rank is None:
         return cfg
-    scale = getattr(args, "lora_lr_scale", None) or 1.0
+    scale = 1.0 if args.lora_lr_scale is None else args.lora_lr_scale
     return cfg.replace(parametrization="lora", lora_rank=rank, lora_alpha=None, lr=cfg.lr * scale)
 
 
@@ -95,6 +96,14 @@ def comparisons(details: dict, concepts, methods) -> dict:
     return out
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a number > 0 (a scale of 0 would train nothing, a negative one away from the target)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def parser():
     ap = protocol_parser(__doc__, METHODS, esd_steps=30, esd_lr=3e-4, n_prompts=32, seeds=[0, 1, 2, 3],
                          inference_steps=10, attack_prompts=32)
@@ -103,7 +112,7 @@ def parser():
                     help="take the full fine-tuning rows (esd-full, advunlearn-full) from this finished "
                     "erasure_methods run (same protocol and training flags, checked) instead of training them again")
     # None (not 1.0) by default: a results file from before this flag resumes with the same settings
-    ap.add_argument("--lora-lr-scale", type=float, default=None,
+    ap.add_argument("--lora-lr-scale", type=positive_float, default=None,
                     help="LoRA settings train at this multiple of the method's learning rate (default 1)")
     return ap
 

@@ -649,16 +649,16 @@ def erasure_lora_sweep(files: dict) -> str:
            *_header("results file", "concept", "setting", "lr", "train s", "artifact KiB", "UA forget [95% CI]",
                     "UA - full, points [95% CI]", "UA - full >= -5 points")]
     for name, data in files.items():
-        s, comps = data["setting"], data.get("comparisons", {})
-        scale = s.get("lora_lr_scale") or 1.0
+        comps, jobs = data.get("comparisons", {}), data.get("details", {})
         for r in data["results"]:
             c = comps.get(f"{r['method']}-{r['concept']}", {}).get("ua")
             if c is None:
                 continue
-            base = r["method"].rpartition("-")[0]
-            lr = s["esd_lr"] if base == "esd" else s["adv_lr"]
+            # the rates the jobs trained at, as their configs recorded them
+            lr = jobs[f"{r['method']}-{r['concept']}"]["config"]["lr"]
+            full = jobs[f"{r['method'].rpartition('-')[0]}-full-{r['concept']}"]["config"]["lr"]
             out.append("| " + " | ".join([
-                f"`{name}`", r["concept"], r["method"], f"{lr * scale:g} ({scale:g} x full's)", f"{r['train_s']:.0f}",
+                f"`{name}`", r["concept"], r["method"], f"{lr:g} ({lr / full:g} x full's)", f"{r['train_s']:.0f}",
                 f"{r['storage_kib']:.0f}", _share(r["ua"], r.get("ua_ci95")),
                 _est(c["difference"], c["ci95"], 100, 1, sign=True),
                 comps[f"{r['method']}-{r['concept']}"].get("verdict_ua_within_5pt", "—")]) + " |")

@@ -189,6 +189,10 @@ def test_a_batch_is_each_prompt_attacked_alone(load_tiny):
         unlearndiffatk_batch(pipe, prompts, judge, targets[:2], cfg)
     with pytest.raises(ValueError, match=r"judge must return one verdict per image \(3\), got 1"):
         unlearndiffatk_batch(pipe, prompts, lambda im: [False], targets, cfg)
+    with pytest.raises(ValueError, match=r"one index per prompt \(4\), got 2"):
+        unlearndiffatk_batch(pipe, prompts, judge, targets, cfg, indices=[0, 1])
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        UnlearnDiffAtkConfig(batch_size=0)
 
 
 def test_attack_success_rate_takes_an_attack_choice(load_tiny):

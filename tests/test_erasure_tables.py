@@ -263,7 +263,7 @@ def test_lora_table_owed_then_rendered(tmp_path, monkeypatch):
             in reused)
 
 
-def test_lora_jobs_are_the_methods_jobs_on_lora_at_the_chosen_learning_rate():
+def test_lora_jobs_are_the_methods_jobs_on_lora_at_the_chosen_learning_rate(capsys):
     base = report.LORA_COMMAND.split()[2:]
     args = erasure_lora.parser().parse_args(base)
     assert args.lora_lr_scale is None  # a file from before the flag resumes with the same settings
@@ -276,6 +276,10 @@ def test_lora_jobs_are_the_methods_jobs_on_lora_at_the_chosen_learning_rate():
     assert erasure_lora.lora_config("esd-full", "star", scaled) == full  # full fine-tuning keeps its rate
     adv = erasure_lora.lora_config("advunlearn-r4", "red", scaled)
     assert adv.lr == pytest.approx(2e-3) and adv.method == "advunlearn" and adv.lora_rank == 4
+    for bad in ("0", "-2"):  # 0 would train nothing; it used to fall back to 1 silently
+        with pytest.raises(SystemExit):
+            erasure_lora.parser().parse_args([*base, "--lora-lr-scale", bad])
+        assert f"argument --lora-lr-scale: must be > 0, got {bad}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("key", ["ua", "ira", "cra"])

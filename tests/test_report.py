@@ -46,16 +46,21 @@ def _pruning_run(calib: int, beta: float, difference: float, verdict: str) -> di
                             n=4, verdict=verdict))
 
 
-def test_pruning_sweep_lists_each_run_at_its_target_row(tmp_path, monkeypatch):
+def _sweep_rows(table: str, files: dict, tmp_path, monkeypatch) -> list[str]:
+    """The rows (one per results file and setting) ``table`` renders from ``files`` {name: JSON} as results."""
     import json
 
-    for name, run in {"pruning_quality.json": _pruning_run(64, 0.5, -0.561, "missed"),
-                      "pruning_quality_b.json": _pruning_run(8, 0.05, 0.007, "met"),
-                      "pruning_quality_smoke.json": _pruning_run(2, 1.0, 0.0, "met")}.items():
-        (tmp_path / name).write_text(json.dumps(run))
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
     monkeypatch.setattr(report, "RESULTS", tmp_path)
-    lines = report.render("pruning_sweep").splitlines()
-    rows = [ln for ln in lines if ln.startswith("| `")]
+    return [ln for ln in report.render(table).splitlines() if ln.startswith("| `")]
+
+
+def test_pruning_sweep_lists_each_run_at_its_target_row(tmp_path, monkeypatch):
+    rows = _sweep_rows("pruning_sweep", {"pruning_quality.json": _pruning_run(64, 0.5, -0.561, "missed"),
+                                         "pruning_quality_b.json": _pruning_run(8, 0.05, 0.007, "met"),
+                                         "pruning_quality_smoke.json": _pruning_run(2, 1.0, 0.0, "met")},
+                       tmp_path, monkeypatch)
     assert rows == [
         "| `pruning_quality.json` | 64 | 10 | 1 | 0.5 | 0.1 | 8 | 0.061 / 2.400 | 6 | -20.1% | -9.0% | 4 | "
         "-56.1 [-57.1, -54.1] | missed |",
@@ -65,8 +70,6 @@ def test_pruning_sweep_lists_each_run_at_its_target_row(tmp_path, monkeypatch):
 
 
 def test_advunlearn_sweep_lists_each_run_with_intervals(tmp_path, monkeypatch):
-    import json
-
     def run(attack, asr_adv, verdict, stats=True):
         rows = [dict(concept="red", method="esd", asr=1.0, asr_unlearndiffatk_ci95=[0.89, 1.0], train_s=40.0),
                 dict(concept="red", method="advunlearn", ua=1.0, ua_ci95=[0.97, 1.0], asr=asr_adv,
@@ -76,13 +79,11 @@ def test_advunlearn_sweep_lists_each_run_with_intervals(tmp_path, monkeypatch):
                                  adv_attack=attack), results=rows,
                     targets={"red": {"advunlearn_asr_le_half_esd": target}}, **({"stats": {}} if stats else {}))
 
-    for name, data in {"erasure_methods.json": run("sign", 0.875, "missed"),
-                       "erasure_methods_adam.json": run("adam", 0.25, "met"),
-                       "erasure_methods_old.json": run("sign", 0.5, "missed", stats=False),
-                       "erasure_methods_smoke.json": run("sign", 0.0, "met")}.items():
-        (tmp_path / name).write_text(json.dumps(data))
-    monkeypatch.setattr(report, "RESULTS", tmp_path)
-    rows = [ln for ln in report.render("advunlearn_sweep").splitlines() if ln.startswith("| `")]
+    rows = _sweep_rows("advunlearn_sweep", {"erasure_methods.json": run("sign", 0.875, "missed"),
+                                            "erasure_methods_adam.json": run("adam", 0.25, "met"),
+                                            "erasure_methods_old.json": run("sign", 0.5, "missed", stats=False),
+                                            "erasure_methods_smoke.json": run("sign", 0.0, "met")},
+                       tmp_path, monkeypatch)
     assert rows == [
         "| `erasure_methods.json` | red | 200 | 0.0002 | sign | 900 | 100.0% [97.0, 100.0] | 87.5% [77.5, 92.5] | "
         "100.0% [89.0, 100.0] | +37.5 [+27.5, +47.5] | missed |",
@@ -91,24 +92,20 @@ def test_advunlearn_sweep_lists_each_run_with_intervals(tmp_path, monkeypatch):
 
 
 def test_erasure_lora_sweep_lists_each_lora_setting_with_its_rate(tmp_path, monkeypatch):
-    import json
-
-    def run(scale, ua_r16, verdict):
+    def run(scale, ua_r16, verdict):  # the rates come from the jobs' recorded configs
         rows = [dict(concept="striped", method="esd-full", ua=0.977, ua_ci95=[0.933, 0.992], train_s=39.0,
                      storage_kib=1319.0),
                 dict(concept="striped", method="esd-r16", ua=ua_r16, ua_ci95=[ua_r16 - 0.07, ua_r16 + 0.04],
                      train_s=61.0, storage_kib=386.4)]
         comp = {"esd-r16-striped": {"ua": dict(difference=ua_r16 - 0.977, ci95=[ua_r16 - 1.03, ua_r16 - 0.94]),
                                     "verdict_ua_within_5pt": verdict}}
-        return dict(setting=dict(esd_lr=5e-4, adv_lr=2e-4, **({} if scale is None else {"lora_lr_scale": scale})),
-                    results=rows, comparisons=comp)
+        jobs = {"esd-full-striped": {"config": {"lr": 5e-4}}, "esd-r16-striped": {"config": {"lr": 5e-4 * scale}}}
+        return dict(setting={}, results=rows, comparisons=comp, details=jobs)
 
-    for name, data in {"erasure_lora.json": run(None, 0.891, "not resolved at this n"),
-                       "erasure_lora_lr4.json": run(4.0, 0.969, "not resolved at this n"),
-                       "erasure_lora_smoke.json": run(None, 1.0, "met")}.items():
-        (tmp_path / name).write_text(json.dumps(data))
-    monkeypatch.setattr(report, "RESULTS", tmp_path)
-    rows = [ln for ln in report.render("erasure_lora_sweep").splitlines() if ln.startswith("| `")]
+    rows = _sweep_rows("erasure_lora_sweep", {"erasure_lora.json": run(1, 0.891, "not resolved at this n"),
+                                              "erasure_lora_lr4.json": run(4, 0.969, "not resolved at this n"),
+                                              "erasure_lora_smoke.json": run(1, 1.0, "met")},
+                       tmp_path, monkeypatch)
     assert rows == [
         "| `erasure_lora.json` | striped | esd-r16 | 0.0005 (1 x full's) | 61 | 386 | 89.1% [82.1, 93.1] | "
         "-8.6 [-13.9, -4.9] | not resolved at this n |",
