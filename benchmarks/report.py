@@ -665,6 +665,119 @@ def erasure_lora_sweep(files: dict) -> str:
     return "\n".join(out)
 
 
+def esd_sweep(files: dict) -> str:
+    """ESD-x in every erasure results file that trained it (runs that reused another file's ESD rows left out), by
+    concept and step count: the 300-step documented runs beside the 1000-step side runs (the paper's count)."""
+    out = ["Each row: ESD-x trained in one run of `benchmarks/erasure_quality.py` or `benchmarks/erasure_methods.py` "
+           "(results file in the first column; runs that reused another file's ESD rows, and files from before the "
+           "intervals, left out). UnlearnDiffAtk over the run's forget prompts.", "",
+           *_header("results file", "concept", "steps", "lr", "train s", "UA forget [95% CI]",
+                    "UA synonym [95% CI]", "IRA [95% CI]", "CRA [95% CI]", "attack prompts",
+                    "ASR unlearndiffatk [95% CI]")]
+    rows = []
+    for name, data in files.items():
+        if "stats" not in data or "esd" in (data.get("reused") or {}).get("methods", []):
+            continue
+        s = data["setting"]
+        for r in data["results"]:
+            if r["method"] == "esd":
+                rows.append(((r["concept"], s["esd_steps"], name), "| " + " | ".join([
+                    f"`{name}`", r["concept"], str(s["esd_steps"]), f"{s['esd_lr']:g}", f"{r['train_s']:.0f}",
+                    *(_share(r[k], r.get(f"{k}_ci95")) for k in ("ua", "ua_synonyms", "ira", "cra")),
+                    str(r.get("asr_unlearndiffatk_n", "—")),
+                    _erasure_rate(r, "asr_unlearndiffatk", r.get("asr_unlearndiffatk_n"))]) + " |"))
+    return "\n".join(out + [row for _, row in sorted(rows)])
+
+
+#: The two runs of the documented erasure_methods protocol that together cover issue 17's six concepts (two objects,
+#: two colors, two styles): the quality plan's run (star, red, striped) and :data:`SIX_COMMAND`, the same flags
+#: with ``--concepts circle blue dotted --tag _new`` and no ``--reuse`` (erasure_quality has no rows for them).
+SIX_FILES = ("erasure_methods.json", "erasure_methods_new.json")
+SIX_COMMAND = ("python benchmarks/erasure_methods.py --n-prompts 64 --seeds 0 1 --attack-prompts 32 --attack "
+               "unlearndiffatk soft-prompt --attack-timesteps 10 --probes noise-search completion --esd-steps 300 "
+               "--esd-lr 5e-4 --salun-steps 100 --salun-lr 2e-4 --salun-batch 4 --salun-images 16 --sample-steps 10 "
+               "--inference-steps 15 --adv-steps 200 --adv-lr 2e-4 --doco-steps 200 --doco-lr 5e-4 --attack-steps 20 "
+               "--concepts circle blue dotted --tag _new")
+#: settings that may differ between runs merged into one table: which concepts, the file name, how it was run
+RUN_ONLY = {"concepts", "tag", "note", "resume", "reuse"}
+
+
+def merge_erasure_runs(runs: list[dict]) -> dict:
+    """One erasure results dict (rows, details, originals, targets) from runs of the same protocol and training
+    settings on different concepts. ValueError naming each setting that differs, or a concept measured twice."""
+    first = runs[0]["setting"]
+    for run in runs[1:]:
+        s = run["setting"]
+        diff = sorted(k for k in set(first) | set(s) if k not in RUN_ONLY and first.get(k) != s.get(k))
+        if diff:
+            raise ValueError("runs with other settings cannot share a table: " +
+                             ", ".join(f"{k} ({first.get(k)!r} / {s.get(k)!r})" for k in diff))
+    concepts = [c for run in runs for c in run["setting"]["concepts"]]
+    twice = sorted({c for c in concepts if concepts.count(c) > 1})
+    if twice:
+        raise ValueError(f"concepts measured in more than one run: {', '.join(twice)}")
+    dates = sorted(run.get("environment", {}).get("date", "?")[:10] for run in runs)
+    return dict(runs[0], setting=dict(first, concepts=concepts), environment=dict(date=dates[-1]),
+                complete=all(run.get("complete", True) for run in runs),
+                results=[r for run in runs for r in run["results"]],
+                originals=[o for run in runs for o in run.get("originals", [])],
+                details={k: v for run in runs for k, v in run.get("details", {}).items()},
+                targets={k: v for run in runs for k, v in run.get("targets", {}).items()})
+
+
+#: issue 17's count target: AdvUnlearn's UnlearnDiffAtk success <= half of ESD's on at least this many concepts
+ASR_HALF_AT_LEAST = 4
+
+
+def _target_counts(data: dict) -> list[str]:
+    """Per target, on how many concepts it was met / missed / not resolved / not applicable (concepts named), and
+    issue 17's "on >= 4 of 6 concepts" for AdvUnlearn's attack success: met when the met count reaches it, missed
+    when even the unresolved ones could not bring it there."""
+    targets = data.get("targets", {})
+    concepts = [c for c in data["setting"]["concepts"] if c in targets]
+    keys = list(dict.fromkeys(k for c in concepts for k in targets[c]))
+    out = [f"Per target, the concepts of the {len(concepts)} where it is met, missed, not resolved at this n, or not "
+           "applicable (each judged on its interval as above).", "",
+           *_header("target", "met", "missed", "not resolved", "n/a")]
+    count = {}
+    for k in keys:
+        by = {v: [c for c in concepts if k in targets[c] and targets[c][k]["verdict"].startswith(v)]
+              for v in ("met", "missed", "not resolved", "n/a")}
+        count[k] = by
+        label = next(targets[c][k]["label"] for c in concepts if k in targets[c])
+        out.append(f"| {label} | " + " | ".join(f"{len(v)}" + (f" ({', '.join(v)})" if v else "")
+                                               for v in by.values()) + " |")
+    by = count.get("advunlearn_asr_le_half_esd")
+    if by is not None:
+        met, open_ = len(by["met"]), len(by["not resolved"])
+        verdict = ("met" if met >= ASR_HALF_AT_LEAST else "missed" if met + open_ < ASR_HALF_AT_LEAST
+                   else "not resolved at this n")
+        out += ["", f"AdvUnlearn's attack success <= half of ESD's on >= {ASR_HALF_AT_LEAST} of {len(concepts)} "
+                    f"concepts: **{verdict}** (met on {met}, not resolved on {open_})."]
+    return out
+
+
+def erasure_six(runs: list) -> str:
+    """Issue 17's table, 4 methods x 6 concepts: the documented erasure_methods run and its run on the other three
+    concepts merged (:func:`merge_erasure_runs`), the per-concept targets, and the targets counted over the six."""
+    if any(run is None for run in runs):
+        missing = [f for f, run in zip(SIX_FILES, runs) if run is None]
+        return f"_owed: {', '.join(missing)} (run `{SIX_COMMAND}`)._"
+    data = merge_erasure_runs(runs)
+    tail = (("state MiB", "state_mib", "{:.1f}"), ("peak RSS GiB", "peak_rss_gib", "{:.2f}"))
+    return "\n".join([f"Merged from {' and '.join(f'`{f}`' for f in SIX_FILES)} (every setting but the concepts "
+                      "equal, checked). " + _erasure_caption(data, "erasure_methods"), "",
+                      *_erasure_main(data, tail, originals=True), "", *_erasure_targets(data), "",
+                      *_target_counts(data)])
+
+
+def erasure_six_targets(runs: list) -> str:
+    """The six-concept targets counted (the README's summary of :func:`erasure_six`)."""
+    if any(run is None for run in runs):
+        return erasure_six(runs)
+    return "\n".join(_target_counts(merge_erasure_runs(runs)))
+
+
 def attack_batch_speed(data: dict) -> str:
     """UnlearnDiffAtk's prompts in batches against one at a time (benchmarks/attack_batch_speed.py)."""
     s = data["setting"]
@@ -800,6 +913,10 @@ TABLES = {
     "attack_batch_speed": ("attack_batch_speed.json", attack_batch_speed),
     "advunlearn_sweep": ("erasure_methods*.json", advunlearn_sweep),
     "erasure_lora_sweep": ("erasure_lora*.json", erasure_lora_sweep),
+    # erasure_quality*.json and erasure_methods*.json: every run that may have trained ESD
+    "esd_sweep": ("erasure_[mq]*.json", esd_sweep),
+    "erasure_six": (SIX_FILES, erasure_six),
+    "erasure_six_targets": (SIX_FILES, erasure_six_targets),
 }
 #: tables rendered from ``None`` while their results file does not exist yet (what is owed)
 OPTIONAL = {"gpu_suite", "erasure_lora"}
@@ -807,6 +924,9 @@ OPTIONAL = {"gpu_suite", "erasure_lora"}
 
 def render(name: str) -> str:
     file, fn = TABLES[name]
+    if isinstance(file, tuple):  # runs merged into one table: [JSON, or None while the run is owed]
+        return fn([json.loads((RESULTS / f).read_text(encoding="utf-8")) if (RESULTS / f).is_file() else None
+                   for f in file])
     if "*" in file:  # several runs side by side: {file name: JSON}, the smoke runs left out
         return fn({p.name: json.loads(p.read_text(encoding="utf-8"))
                    for p in sorted(RESULTS.glob(file)) if "smoke" not in p.name})

@@ -6,6 +6,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
 report = importlib.util.module_from_spec(spec)
@@ -111,3 +113,96 @@ def test_erasure_lora_sweep_lists_each_lora_setting_with_its_rate(tmp_path, monk
         "-8.6 [-13.9, -4.9] | not resolved at this n |",
         "| `erasure_lora_lr4.json` | striped | esd-r16 | 0.002 (4 x full's) | 61 | 386 | 96.9% [89.9, 100.9] | "
         "-0.8 [-6.1, +2.9] | not resolved at this n |"]
+
+
+def _erasure_run(concepts, verdicts, **setting) -> dict:
+    """A results file of erasure_methods' shape: ESD and AdvUnlearn rows per concept, AdvUnlearn's attack target
+    with the given verdict per concept."""
+    rows = [dict(concept=c, factor="object", method=m, ua=1.0, ua_ci95=[0.97, 1.0], ua_synonyms=1.0, ira=0.9,
+                 cra=0.9, asr=0.5, asr_unlearndiffatk=0.5, asr_unlearndiffatk_ci95=[0.3, 0.7], asr_unlearndiffatk_n=32,
+                 train_s=10.0)
+            for c in concepts for m in ("esd", "advunlearn")]
+    label = "AdvUnlearn unlearndiffatk ASR <= half of ESD's"
+    targets = {c: {"advunlearn_asr_le_half_esd": dict(label=label, kind="difference", estimate=0.1,
+                                                      ci95=[0.0, 0.2], n=32, target="<= 0", verdict=v)}
+               for c, v in zip(concepts, verdicts)}
+    s = dict(concepts=list(concepts), methods=["esd", "advunlearn"], esd_steps=300, esd_lr=5e-4, n_prompts=64,
+             seeds=[0, 1], inference_steps=15, guidance=7.5, attack_prompts=32, attack=["unlearndiffatk"], probes=[],
+             tag="", reuse=None, **setting)
+    return dict(setting=s, stats={}, complete=True, environment=dict(date="2026-12-07T00:00"), results=rows,
+                details={}, targets=targets)
+
+
+def test_six_concept_runs_merge_only_with_equal_settings():
+    a = _erasure_run(["star", "red", "striped"], ["missed"] * 3)
+    b = _erasure_run(["circle", "blue", "dotted"], ["met"] * 3)
+    b["setting"].update(tag="_new", reuse="x.json")  # how it was run may differ
+    merged = report.merge_erasure_runs([a, b])
+    assert merged["setting"]["concepts"] == ["star", "red", "striped", "circle", "blue", "dotted"]
+    assert [(r["concept"], r["method"]) for r in merged["results"]][::2] == [
+        (c, "esd") for c in ["star", "red", "striped", "circle", "blue", "dotted"]]
+    assert set(merged["targets"]) == set(merged["setting"]["concepts"])
+    other = _erasure_run(["circle"], ["met"])
+    other["setting"]["esd_steps"] = 1000
+    with pytest.raises(ValueError, match=r"other settings cannot share a table: esd_steps \(300 / 1000\)"):
+        report.merge_erasure_runs([a, other])
+    with pytest.raises(ValueError, match="concepts measured in more than one run: red"):
+        report.merge_erasure_runs([a, _erasure_run(["red"], ["met"])])
+
+
+@pytest.mark.parametrize("verdicts, overall", [
+    (["met"] * 4 + ["missed"] * 2, "met"),
+    (["met"] * 3 + ["not resolved at this n"] + ["missed"] * 2, "not resolved at this n"),
+    (["met"] * 2 + ["not resolved at this n"] + ["missed"] * 3, "missed"),
+])
+def test_the_half_of_esd_target_is_counted_over_the_concepts(verdicts, overall):
+    concepts = ["star", "red", "striped", "circle", "blue", "dotted"]
+    lines = report._target_counts(_erasure_run(concepts, verdicts))
+    row = next(ln for ln in lines if ln.startswith("| AdvUnlearn"))
+    met = [c for c, v in zip(concepts, verdicts) if v == "met"]
+    assert row.split(" | ")[1] == f"{len(met)} ({', '.join(met)})"
+    open_ = verdicts.count("not resolved at this n")
+    assert lines[-1] == (f"AdvUnlearn's attack success <= half of ESD's on >= 4 of 6 concepts: **{overall}** "
+                         f"(met on {len(met)}, not resolved on {open_}).")
+
+
+def test_the_six_concept_command_is_the_documented_run_on_the_other_concepts():
+    import importlib
+    import shlex
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    quality = importlib.import_module("benchmarks.quality")
+    documented = list(quality.by_name()["erasure_methods"].args)
+    i = documented.index("--reuse")
+    del documented[i:i + 2]  # erasure_quality has no rows for the other concepts
+    command = shlex.split(report.SIX_COMMAND)
+    assert command[:2] == ["python", "benchmarks/erasure_methods.py"]
+    assert command[2:] == documented + ["--concepts", "circle", "blue", "dotted", "--tag", "_new"]
+    assert report.SIX_FILES == ("erasure_methods.json", "erasure_methods_new.json")
+
+
+def test_the_six_concept_table_is_owed_until_both_runs_exist(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    (tmp_path / "erasure_methods.json").write_text(json.dumps(_erasure_run(["star"], ["met"])))
+    assert report.render("erasure_six") == f"_owed: erasure_methods_new.json (run `{report.SIX_COMMAND}`)._"
+    (tmp_path / "erasure_methods_new.json").write_text(json.dumps(_erasure_run(["circle"], ["missed"])))
+    table = report.render("erasure_six")
+    assert table.startswith("Merged from `erasure_methods.json` and `erasure_methods_new.json`")
+    assert sum(ln.startswith("| circle (object) | ") for ln in table.splitlines()) == 3  # original, esd, advunlearn
+
+
+def test_esd_sweep_lists_the_runs_that_trained_esd(tmp_path, monkeypatch):
+    quality = _erasure_run(["circle"], ["met"])
+    longer = _erasure_run(["circle"], ["met"])
+    longer["setting"]["esd_steps"] = 1000
+    reused = _erasure_run(["circle"], ["met"])
+    reused["reused"] = dict(methods=["esd"], source="erasure_quality.json")
+    rows = _sweep_rows("esd_sweep", {"erasure_quality.json": quality, "erasure_quality_esd1000.json": longer,
+                                     "erasure_methods.json": reused, "erasure_quality_smoke.json": quality},
+                       tmp_path, monkeypatch)
+    assert [r.split(" | ")[:3] for r in rows] == [["| `erasure_quality.json`", "circle", "300"],
+                                                  ["| `erasure_quality_esd1000.json`", "circle", "1000"]]
+    assert rows[0].endswith("| 32 | 50.0% [30.0, 70.0] |")
