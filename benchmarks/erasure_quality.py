@@ -116,6 +116,14 @@ def training_state_bytes(metrics: dict, method: str) -> int:
 
 
 @torch.no_grad()
+def attack_instances(prompts: list[str], copies: int) -> tuple[list[str], list[int]]:
+    """The attacked (prompt, seed) pairs: every prompt ``copies`` times, prompt i of copy k seeded
+    100 + k * len(prompts) + i (its concept image's sampling). An attack and a probe draw by the instance's index
+    (``config.seed + index``), so every copy is attacked with its own draws and generation seed, and copy 0 is
+    the one-seed protocol's instances unchanged."""
+    return prompts * copies, list(range(100, 100 + copies * len(prompts)))
+
+
 def concept_latents(pipe, prompts, seeds, steps: int, guidance: float) -> torch.Tensor:
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     return pipe(list(prompts), generator=gens, num_inference_steps=steps, guidance_scale=guidance,
@@ -180,6 +188,9 @@ def protocol_parser(doc: str, methods, **defaults) -> argparse.ArgumentParser:
     ap.add_argument("--inference-steps", type=int, default=15)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--attack-prompts", type=int, default=4)
+    ap.add_argument("--attack-seeds", type=int, default=1,
+                    help="each attack prompt attacked this many times, each with its own target image, attack draws "
+                         "and generation seed (the rates' n is prompts x seeds)")
     ap.add_argument("--attack", nargs="+", default=["unlearndiffatk"], choices=ATTACKS,
                     help="attacks whose success is reported (the first fills the table's ASR column)")
     ap.add_argument("--attack-steps", type=int, default=20, help="soft-prompt: Adam steps")
@@ -417,8 +428,8 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
         for concept in args.concepts:
             factor = factor_of(concept)
             groups = shapes_erasure_prompts(concept, n=args.n_prompts, seed=0)
-            attack_prompts = [s.prompt for s in groups["forget"][: args.attack_prompts]]
-            attack_seeds = list(range(100, 100 + len(attack_prompts)))
+            attack_prompts, attack_seeds = attack_instances([s.prompt for s in groups["forget"][: args.attack_prompts]],
+                                                            args.attack_seeds)
             targets = concept_latents(original, attack_prompts, attack_seeds, args.inference_steps, args.guidance)
             show = [groups["forget"][0].prompt, groups["synonyms"][0].prompt, groups["retain"][0].prompt]
 
@@ -492,8 +503,8 @@ def run_jobs(args, original, erased, oracle, config_for, state_bytes, after_job=
 #: The settings every row of a method depends on besides its own training flags: a row reused from another run
 #: (:func:`reuse_rows`) must have been measured with these equal.
 PROTOCOL = ("smoke", "model", "classifier", "n_prompts", "seeds", "inference_steps", "guidance", "sample_steps",
-            "attack", "attack_prompts", "attack_steps", "attack_tokens", "attack_iterations", "attack_timesteps",
-            "probes", "probe_candidates", "probe_strengths")
+            "attack", "attack_prompts", "attack_seeds", "attack_steps", "attack_tokens", "attack_iterations",
+            "attack_timesteps", "probes", "probe_candidates", "probe_strengths")
 #: Each reusable method's training flags.
 TRAINING = {"esd": ("esd_steps", "esd_lr"), "salun": ("salun_steps", "salun_lr", "salun_batch", "salun_images"),
             "advunlearn": ("adv_steps", "adv_lr", "adv_attack", "adv_retain_batch")}
@@ -504,11 +515,17 @@ MEASURED_MORE = {"attack": lambda there, here: (there or [])[:len(here or [])] =
                  "probes": lambda there, here: set(here or []) <= set(there or [])}
 
 
+#: Settings added after files were written, with the value those files were measured at.
+SETTING_DEFAULTS = {"attack_seeds": 1}
+
+
 def differing_settings(old: dict, args, keys, more: dict | None = None) -> list[str]:
     """The ``keys`` whose value in ``args`` differs from a results file's ``setting`` (compared as the JSON
-    stores them: tuples become lists); ``more``: key -> check(there, here) used instead of equality."""
+    stores them: tuples become lists; a setting the file predates at :data:`SETTING_DEFAULTS`); ``more``:
+    key -> check(there, here) used instead of equality."""
     same = {**{k: lambda there, here: there == here for k in keys}, **(more or {})}
-    return [k for k in keys if not same[k](old.get(k), json.loads(json.dumps(getattr(args, k, None))))]
+    return [k for k in keys if not same[k](old.get(k, SETTING_DEFAULTS.get(k)),
+                                           json.loads(json.dumps(getattr(args, k, None))))]
 
 
 def reuse_rows(path: Path, args, methods, rename: dict[str, str] | None = None) -> tuple[list[dict], dict, str]:
@@ -525,7 +542,7 @@ def reuse_rows(path: Path, args, methods, rename: dict[str, str] | None = None) 
     old = data["setting"]
     there = {m: rename.get(m, m) for m in methods}
     keys = PROTOCOL + tuple(k for m in methods for k in TRAINING[there[m]])
-    diff = [f"{k} ({old.get(k)!r} there, {getattr(args, k)!r} here)"
+    diff = [f"{k} ({old.get(k, SETTING_DEFAULTS.get(k))!r} there, {getattr(args, k)!r} here)"
             for k in differing_settings(old, args, keys, MEASURED_MORE)]
     if diff:
         raise ValueError(f"{path} was measured with other settings: {', '.join(diff)}")

@@ -466,9 +466,11 @@ def _erasure_settings(data: dict) -> str:
     probes = ", ".join(s.get("probes") or []) or "none"
     where = "; tiny random model (smoke: logic only)" if data.get("smoke") else ""
     note = f"; {s['note']}" if s.get("note") else ""
+    copies = s.get("attack_seeds", 1)
+    over = f"{s['attack_prompts']} forget prompts" + (f" x {copies} seeds" if copies > 1 else "")
     return (f"{s['n_prompts'] * len(seeds)} images a group ({s['n_prompts']} prompts x {len(seeds)} seeds), "
             f"{s['inference_steps']} DDIM steps, CFG {s['guidance']:g}; training: {train}; attacks over "
-            f"{s['attack_prompts']} forget prompts: {', '.join(attacks)}; probes: {probes}{where}{note}")
+            f"{over}: {', '.join(attacks)}; probes: {probes}{where}{note}")
 
 
 def _erasure_caption(data: dict, name: str, command: str | None = None) -> str:
@@ -700,6 +702,9 @@ SIX_COMMAND = ("python benchmarks/erasure_methods.py --n-prompts 64 --seeds 0 1 
                "--concepts circle blue dotted --tag _new")
 #: settings that may differ between runs merged into one table: which concepts, the file name, how it was run
 RUN_ONLY = {"concepts", "tag", "note", "resume", "reuse"}
+#: settings added after files were written, at the value those files were measured at (as
+#: ``erasure_quality.SETTING_DEFAULTS``; this script does not import the benchmarks)
+SETTING_DEFAULTS = {"attack_seeds": 1}
 
 
 def merge_erasure_runs(runs: list[dict]) -> dict:
@@ -708,10 +713,12 @@ def merge_erasure_runs(runs: list[dict]) -> dict:
     first = runs[0]["setting"]
     for run in runs[1:]:
         s = run["setting"]
-        diff = sorted(k for k in set(first) | set(s) if k not in RUN_ONLY and first.get(k) != s.get(k))
+        pairs = {k: (first.get(k, SETTING_DEFAULTS.get(k)), s.get(k, SETTING_DEFAULTS.get(k)))
+                 for k in set(first) | set(s) if k not in RUN_ONLY}
+        diff = sorted(k for k, (a, b) in pairs.items() if a != b)
         if diff:
             raise ValueError("runs with other settings cannot share a table: " +
-                             ", ".join(f"{k} ({first.get(k)!r} / {s.get(k)!r})" for k in diff))
+                             ", ".join(f"{k} ({pairs[k][0]!r} / {pairs[k][1]!r})" for k in diff))
     concepts = [c for run in runs for c in run["setting"]["concepts"]]
     twice = sorted({c for c in concepts if concepts.count(c) > 1})
     if twice:

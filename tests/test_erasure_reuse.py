@@ -18,7 +18,7 @@ BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
 sys.path.insert(0, str(BENCH))
 
-from erasure_quality import PROTOCOL, reuse_rows  # noqa: E402
+from erasure_quality import PROTOCOL, attack_instances, reuse_rows  # noqa: E402
 
 #: the measured figures of a row (not its wall time or memory)
 FIGURES = ("ua", "ua_synonyms", "ira", "cra", "kid", "asr", "ua_ci95", "ira_ci95", "pre_attack", "asr_unlearndiffatk")
@@ -126,6 +126,24 @@ def test_reuse_rows_checks_every_setting(tmp_path):
     path.write_text(json.dumps(dict(data, complete=False)))
     with pytest.raises(ValueError, match="a partial run; its rows cannot be reused"):
         reuse_rows(path, _args(), ["esd"])
+
+
+def test_a_file_from_before_attack_seeds_was_measured_with_one(tmp_path):
+    path = _finished(tmp_path)
+    data = json.loads(path.read_text())
+    del data["setting"]["attack_seeds"]  # written before the flag existed
+    path.write_text(json.dumps(data))
+    assert reuse_rows(path, _args(attack_seeds=1), ["esd"])[0][0]["method"] == "esd"
+    with pytest.raises(ValueError, match=r"other settings: attack_seeds \(1 there, 2 here\)"):
+        reuse_rows(path, _args(attack_seeds=2), ["esd"])
+
+
+def test_attack_instances_repeat_each_prompt_with_its_own_seed():
+    prompts = ["a star", "a pentagram", "star shape"]
+    assert attack_instances(prompts, 1) == (prompts, [100, 101, 102])  # the one-seed protocol, unchanged
+    got, seeds = attack_instances(prompts, 2)
+    assert got == prompts + prompts and seeds == [100, 101, 102, 103, 104, 105]
+    assert len(set(seeds)) == len(seeds)  # every instance its own concept image and (by index) attack draws
 
 
 def test_reuse_rows_renames_and_takes_a_source_that_measured_more(tmp_path):

@@ -206,3 +206,14 @@ def test_esd_sweep_lists_the_runs_that_trained_esd(tmp_path, monkeypatch):
     assert [r.split(" | ")[:3] for r in rows] == [["| `erasure_quality.json`", "circle", "300"],
                                                   ["| `erasure_quality_esd1000.json`", "circle", "1000"]]
     assert rows[0].endswith("| 32 | 50.0% [30.0, 70.0] |")
+
+
+def test_the_caption_names_the_attack_seeds_and_old_files_merge_with_one():
+    a = _erasure_run(["star"], ["met"])
+    b = _erasure_run(["circle"], ["met"], attack_seeds=1)  # a new file; `a` predates the setting
+    assert "attacks over 32 forget prompts: UnlearnDiffAtk" in report._erasure_settings(a)
+    assert report.merge_erasure_runs([a, b])["setting"]["concepts"] == ["star", "circle"]
+    c = _erasure_run(["circle"], ["met"], attack_seeds=2)
+    assert "attacks over 32 forget prompts x 2 seeds: UnlearnDiffAtk" in report._erasure_settings(c)
+    with pytest.raises(ValueError, match=r"other settings cannot share a table: attack_seeds \(1 / 2\)$"):
+        report.merge_erasure_runs([a, c])
