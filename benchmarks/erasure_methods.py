@@ -79,7 +79,8 @@ def method_config(method: str, concept: str, args) -> ErasureConfig:
         return ErasureConfig(method="doco", concept=words, anchor=substitute, retain_prompts=retain,
                              steps=args.doco_steps, lr=args.doco_lr, batch_size=args.doco_batch,
                              num_images=args.doco_images, sample_steps=args.sample_steps, seed=0,
-                             options={"discriminator_warmup": args.doco_steps // 4})
+                             options={"discriminator_warmup": args.doco_steps // 4,
+                                      "adversarial_weight": args.doco_adv_weight})
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
@@ -143,6 +144,8 @@ def parser():
     ap.add_argument("--doco-lr", type=float, default=3e-4)
     ap.add_argument("--doco-batch", type=int, default=2)
     ap.add_argument("--doco-images", type=int, default=8)
+    ap.add_argument("--doco-adv-weight", type=float, default=1.0,
+                    help="DoCo's adversarial_weight (the generator's adversarial loss; the reference's is 1)")
     ap.add_argument("--reuse", default=None, metavar="JSON",
                     help="take the ESD and SalUn rows from this finished erasure_quality run (same protocol and "
                     "training flags, checked) instead of training and measuring them again")

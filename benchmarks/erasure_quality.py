@@ -516,7 +516,7 @@ MEASURED_MORE = {"attack": lambda there, here: (there or [])[:len(here or [])] =
 
 
 #: Settings added after files were written, with the value those files were measured at.
-SETTING_DEFAULTS = {"attack_seeds": 1}
+SETTING_DEFAULTS = {"attack_seeds": 1, "doco_adv_weight": 1.0}
 
 
 def differing_settings(old: dict, args, keys, more: dict | None = None) -> list[str]:

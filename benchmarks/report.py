@@ -643,6 +643,29 @@ def advunlearn_sweep(files: dict) -> str:
     return "\n".join(out)
 
 
+def doco_sweep(files: dict) -> str:
+    """DoCo in every erasure_methods results file with intervals (the documented runs and ``--tag`` side runs at
+    other rates, step counts and adversarial weights), per concept: UA on the forget words and the
+    evaluation-only synonym (its target), IRA, CRA and UnlearnDiffAtk success."""
+    out = ["Each row: DoCo in one run of `benchmarks/erasure_methods.py` (results file in the first column; files "
+           "from before the intervals left out); discriminator warm-up a quarter of the steps. Adv. weight: the "
+           "generator's adversarial loss weight (`--doco-adv-weight`, the reference's 1).", "",
+           *_header("results file", "concept", "steps", "lr", "adv. weight", "train s", "UA forget [95% CI]",
+                    "UA synonym [95% CI]", "IRA [95% CI]", "CRA [95% CI]", "ASR unlearndiffatk [95% CI]")]
+    for name, data in files.items():
+        s = data["setting"]
+        if "stats" not in data or "doco" not in s.get("methods", []):
+            continue
+        for r in data["results"]:
+            if r["method"] == "doco":
+                out.append("| " + " | ".join([
+                    f"`{name}`", r["concept"], str(s["doco_steps"]), f"{s['doco_lr']:g}",
+                    f"{s.get('doco_adv_weight', SETTING_DEFAULTS['doco_adv_weight']):g}", f"{r['train_s']:.0f}",
+                    *(_share(r[k], r.get(f"{k}_ci95")) for k in ("ua", "ua_synonyms", "ira", "cra")),
+                    _erasure_rate(r, "asr_unlearndiffatk", r.get("asr_unlearndiffatk_n"))]) + " |")
+    return "\n".join(out)
+
+
 def erasure_lora_sweep(files: dict) -> str:
     """Every LoRA setting in every erasure_lora results file (the documented run and ``--tag`` side runs, e.g. a
     higher ``--lora-lr-scale``) with its learning rate and the claim UA(LoRA) - UA(full) >= -5 points."""
@@ -704,7 +727,7 @@ SIX_COMMAND = ("python benchmarks/erasure_methods.py --n-prompts 64 --seeds 0 1 
 RUN_ONLY = {"concepts", "tag", "note", "resume", "reuse"}
 #: settings added after files were written, at the value those files were measured at (as
 #: ``erasure_quality.SETTING_DEFAULTS``; this script does not import the benchmarks)
-SETTING_DEFAULTS = {"attack_seeds": 1}
+SETTING_DEFAULTS = {"attack_seeds": 1, "doco_adv_weight": 1.0}
 
 
 def merge_erasure_runs(runs: list[dict]) -> dict:
@@ -922,6 +945,7 @@ TABLES = {
     "erasure_lora_sweep": ("erasure_lora*.json", erasure_lora_sweep),
     # erasure_quality*.json and erasure_methods*.json: every run that may have trained ESD
     "esd_sweep": ("erasure_[mq]*.json", esd_sweep),
+    "doco_sweep": ("erasure_methods*.json", doco_sweep),
     "erasure_six": (SIX_FILES, erasure_six),
     "erasure_six_targets": (SIX_FILES, erasure_six_targets),
 }

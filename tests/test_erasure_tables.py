@@ -286,3 +286,14 @@ def test_lora_jobs_are_the_methods_jobs_on_lora_at_the_chosen_learning_rate(caps
 def test_paired_difference_of_identical_outcomes_is_zero(key):
     o = outcomes(ua=100, ira=90, cra=110, ira_unscored=4)
     assert erasure_quality.paired_rate_difference(o, o, key)["ci95"] == [0.0, 0.0]
+
+
+def test_doco_jobs_train_at_the_chosen_adversarial_weight():
+    args = erasure_methods.parser().parse_args(["--doco-steps", "200"])
+    job = erasure_methods.method_config("doco", "striped", args)
+    assert job.options == {"discriminator_warmup": 50, "adversarial_weight": 1.0}  # the reference's weight
+    weaker = erasure_methods.parser().parse_args(["--doco-steps", "200", "--doco-adv-weight", "0.25"])
+    assert erasure_methods.method_config("doco", "striped", weaker).options["adversarial_weight"] == 0.25
+    # a results file from before the flag was measured at the reference's weight: it still resumes and reuses
+    assert erasure_quality.differing_settings({}, args, ["doco_adv_weight", "attack_seeds"]) == []
+    assert erasure_quality.differing_settings({}, weaker, ["doco_adv_weight"]) == ["doco_adv_weight"]

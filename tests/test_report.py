@@ -217,3 +217,18 @@ def test_the_caption_names_the_attack_seeds_and_old_files_merge_with_one():
     assert "attacks over 32 forget prompts x 2 seeds: UnlearnDiffAtk" in report._erasure_settings(c)
     with pytest.raises(ValueError, match=r"other settings cannot share a table: attack_seeds \(1 / 2\)$"):
         report.merge_erasure_runs([a, c])
+
+
+def test_doco_sweep_lists_each_run_with_its_rate_steps_and_weight(tmp_path, monkeypatch):
+    def run(lr, weight=None):
+        data = _erasure_run(["striped"], ["met"], doco_steps=200, doco_lr=lr,
+                            **({} if weight is None else {"doco_adv_weight": weight}))
+        data["setting"]["methods"].append("doco")
+        data["results"].append(dict(data["results"][0], method="doco", ua=0.344, ua_ci95=[0.267, 0.430]))
+        return data
+
+    rows = _sweep_rows("doco_sweep", {"erasure_methods.json": run(5e-4), "erasure_methods_doco.json": run(2e-3, 0.5),
+                                      "erasure_methods_smoke.json": run(1.0)}, tmp_path, monkeypatch)
+    assert [r.split(" | ")[:7] for r in rows] == [
+        ["| `erasure_methods.json`", "striped", "200", "0.0005", "1", "10", "34.4% [26.7, 43.0]"],  # before the flag
+        ["| `erasure_methods_doco.json`", "striped", "200", "0.002", "0.5", "10", "34.4% [26.7, 43.0]"]]
