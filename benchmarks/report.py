@@ -752,7 +752,8 @@ def merge_erasure_runs(runs: list[dict]) -> dict:
                 results=[r for run in runs for r in run["results"]],
                 originals=[o for run in runs for o in run.get("originals", [])],
                 details={k: v for run in runs for k, v in run.get("details", {}).items()},
-                targets={k: v for run in runs for k, v in run.get("targets", {}).items()})
+                targets={k: v for run in runs for k, v in run.get("targets", {}).items()},
+                comparisons={k: v for run in runs for k, v in run.get("comparisons", {}).items()})
 
 
 #: issue 17's count target: AdvUnlearn's UnlearnDiffAtk success <= half of ESD's on at least this many concepts
@@ -860,6 +861,44 @@ def erasure_lora(data: dict | None) -> str:
                                      extra_cells=claim)])
 
 
+#: The LoRA comparison on the other three concepts: the documented command on erasure_methods_new.json's rows.
+LORA_SIX_FILES = ("erasure_lora.json", "erasure_lora_new.json")
+LORA_SIX_COMMAND = (LORA_COMMAND.replace("erasure_methods.json", "erasure_methods_new.json") +
+                    " --concepts circle blue dotted --tag _new")
+
+
+def _lora_counts(data: dict) -> list[str]:
+    """Per LoRA setting, the concepts where UA(LoRA) - UA(full) >= -5 points is met / missed / not resolved."""
+    comps = data.get("comparisons", {})
+    concepts = data["setting"]["concepts"]
+    settings = [m for m in data["setting"]["methods"] if not m.endswith("-full")]
+    out = [f"Issue 20's claim per LoRA setting over the {len(concepts)} concepts (UA - full >= -5 points, paired "
+           "interval as above):", "", *_header("setting", "met", "missed", "not resolved")]
+    for m in settings:
+        verdicts = {c: comps.get(f"{m}-{c}", {}).get("verdict_ua_within_5pt", "—") for c in concepts}
+        by = {v: [c for c in concepts if verdicts[c].startswith(v)] for v in ("met", "missed", "not resolved")}
+        out.append(f"| {m} | " + " | ".join(f"{len(v)}" + (f" ({', '.join(v)})" if v else "")
+                                            for v in by.values()) + " |")
+    return out
+
+
+def erasure_lora_six(runs: list) -> str:
+    """The LoRA comparison on the six concepts: the documented run and its run on circle, blue and dotted merged
+    (every setting but the concepts and the reused file checked equal), then the claim counted per setting."""
+    first, new = runs
+    if first is None:
+        return erasure_lora(None)
+    if new is None:
+        return erasure_lora(first) + f"\n\n_owed: circle, blue and dotted (run `{LORA_SIX_COMMAND}`)._"
+    data = merge_erasure_runs(runs)
+    sources = " and ".join(f"{r['reused']['source']}'s" for r in runs if r.get("reused"))
+    table = erasure_lora(dict(data, reused=None)).splitlines()
+    table[0] = (f"Merged from {' and '.join(f'`{f}`' for f in LORA_SIX_FILES)} (every setting but the concepts "
+                f"equal, checked); the full fine-tuning rows are {sources}, the same jobs (settings checked). "
+                + table[0])
+    return "\n".join([*table, "", *_lora_counts(data)])
+
+
 #: What the GPU suite owes (section -> figures); listed as "owed" while benchmarks/results/gpu_suite.json is absent.
 GPU_OWED = {
     "parity": "CUDA fp16 parity with diffusers: no guidance / CFG / DeepCache N=1, SDPA and xformers",
@@ -946,6 +985,7 @@ TABLES = {
     # erasure_quality*.json and erasure_methods*.json: every run that may have trained ESD
     "esd_sweep": ("erasure_[mq]*.json", esd_sweep),
     "doco_sweep": ("erasure_methods*.json", doco_sweep),
+    "erasure_lora_six": (LORA_SIX_FILES, erasure_lora_six),
     "erasure_six": (SIX_FILES, erasure_six),
     "erasure_six_targets": (SIX_FILES, erasure_six_targets),
 }

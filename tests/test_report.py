@@ -232,3 +232,46 @@ def test_doco_sweep_lists_each_run_with_its_rate_steps_and_weight(tmp_path, monk
     assert [r.split(" | ")[:7] for r in rows] == [
         ["| `erasure_methods.json`", "striped", "200", "0.0005", "1", "10", "34.4% [26.7, 43.0]"],  # before the flag
         ["| `erasure_methods_doco.json`", "striped", "200", "0.002", "0.5", "10", "34.4% [26.7, 43.0]"]]
+
+
+def _lora_run(concepts, verdicts, source) -> dict:
+    """erasure_lora's shape: esd-full and esd-r16 per concept, r16's claim verdict per concept."""
+    data = _erasure_run(concepts, ["met"] * len(concepts))
+    data["setting"]["methods"] = ["esd-full", "esd-r16"]
+    data["results"] = [dict(r, method=m, storage_kib=100.0) for r in data["results"][::2]
+                       for m in ("esd-full", "esd-r16")]
+    data["comparisons"] = {f"esd-r16-{c}": {"ua": dict(difference=-0.1, ci95=[-0.2, 0.0]),
+                                            "verdict_ua_within_5pt": v} for c, v in zip(concepts, verdicts)}
+    data["reused"] = dict(methods=["esd-full"], source=source)
+    data["setting"]["reuse"] = f"benchmarks/results/{source}"
+    return data
+
+
+def test_the_lora_table_covers_six_concepts_once_both_runs_exist(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    a = _lora_run(["star", "red", "striped"], ["met", "met", "not resolved at this n"], "erasure_methods.json")
+    (tmp_path / "erasure_lora.json").write_text(json.dumps(a))
+    three = report.render("erasure_lora_six")
+    assert three.startswith(report.erasure_lora(a))
+    assert three.endswith(f"_owed: circle, blue and dotted (run `{report.LORA_SIX_COMMAND}`)._")
+    b = _lora_run(["circle", "blue", "dotted"], ["missed", "met", "missed"], "erasure_methods_new.json")
+    (tmp_path / "erasure_lora_new.json").write_text(json.dumps(b))
+    six = report.render("erasure_lora_six").splitlines()
+    assert six[0].startswith("Merged from `erasure_lora.json` and `erasure_lora_new.json` (every setting but the "
+                             "concepts equal, checked); the full fine-tuning rows are erasure_methods.json's and "
+                             "erasure_methods_new.json's")
+    assert sum(ln.startswith("| dotted (object) | esd-r16 |") for ln in six) == 1
+    assert six[-1] == "| esd-r16 | 3 (star, red, blue) | 2 (circle, dotted) | 1 (striped) |"
+
+
+def test_the_lora_command_for_the_other_concepts_reuses_their_full_rows():
+    import shlex
+
+    documented, other = shlex.split(report.LORA_COMMAND), shlex.split(report.LORA_SIX_COMMAND)
+    i = documented.index("--reuse")
+    assert other[:i + 1] == documented[:i + 1]
+    assert other[i + 1:] == ["benchmarks/results/erasure_methods_new.json", "--concepts", "circle", "blue", "dotted",
+                             "--tag", "_new"]
+    assert report.LORA_SIX_FILES == ("erasure_lora.json", "erasure_lora_new.json")
