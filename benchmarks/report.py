@@ -798,7 +798,7 @@ def erasure_six(runs: list) -> str:
     tail = (("state MiB", "state_mib", "{:.1f}"), ("peak RSS GiB", "peak_rss_gib", "{:.2f}"))
     return "\n".join([f"Merged from {' and '.join(f'`{f}`' for f in SIX_FILES)} (every setting but the concepts "
                       "equal, checked). " + _erasure_caption(data, "erasure_methods"), "",
-                      *_erasure_main(data, tail, originals=True), "", *_erasure_targets(data), "",
+                      *_erasure_main(data, tail), "", *_erasure_targets(data), "",
                       *_target_counts(data)])
 
 
@@ -993,14 +993,22 @@ TABLES = {
 OPTIONAL = {"gpu_suite", "erasure_lora"}
 
 
+def _finished(path: Path) -> dict | None:
+    """A results file's JSON; None when it does not exist or is a run still going (or killed): its partial JSON
+    (``"complete": false``) would put half a run beside finished ones."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return None if data.get("complete") is False else data
+
+
 def render(name: str) -> str:
     file, fn = TABLES[name]
-    if isinstance(file, tuple):  # runs merged into one table: [JSON, or None while the run is owed]
-        return fn([json.loads((RESULTS / f).read_text(encoding="utf-8")) if (RESULTS / f).is_file() else None
-                   for f in file])
-    if "*" in file:  # several runs side by side: {file name: JSON}, the smoke runs left out
-        return fn({p.name: json.loads(p.read_text(encoding="utf-8"))
-                   for p in sorted(RESULTS.glob(file)) if "smoke" not in p.name})
+    if isinstance(file, tuple):  # runs merged into one table: [JSON, or None while the run is owed or running]
+        return fn([_finished(RESULTS / f) for f in file])
+    if "*" in file:  # several runs side by side: {file name: JSON}, the smoke runs and unfinished runs left out
+        runs = {p.name: _finished(p) for p in sorted(RESULTS.glob(file)) if "smoke" not in p.name}
+        return fn({name: data for name, data in runs.items() if data is not None})
     if name in OPTIONAL and not (RESULTS / file).is_file():
         return fn(None)
     return fn(json.loads((RESULTS / file).read_text(encoding="utf-8")))

@@ -191,7 +191,7 @@ def test_the_six_concept_table_is_owed_until_both_runs_exist(tmp_path, monkeypat
     (tmp_path / "erasure_methods_new.json").write_text(json.dumps(_erasure_run(["circle"], ["missed"])))
     table = report.render("erasure_six")
     assert table.startswith("Merged from `erasure_methods.json` and `erasure_methods_new.json`")
-    assert sum(ln.startswith("| circle (object) | ") for ln in table.splitlines()) == 3  # original, esd, advunlearn
+    assert sum(ln.startswith("| circle (object) | ") for ln in table.splitlines()) == 2  # esd, advunlearn
 
 
 def test_esd_sweep_lists_the_runs_that_trained_esd(tmp_path, monkeypatch):
@@ -275,3 +275,17 @@ def test_the_lora_command_for_the_other_concepts_reuses_their_full_rows():
     assert other[i + 1:] == ["benchmarks/results/erasure_methods_new.json", "--concepts", "circle", "blue", "dotted",
                              "--tag", "_new"]
     assert report.LORA_SIX_FILES == ("erasure_lora.json", "erasure_lora_new.json")
+
+
+def test_a_run_still_going_is_left_out_of_merged_and_side_by_side_tables(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    a = _lora_run(["star"], ["met"], "erasure_methods.json")
+    (tmp_path / "erasure_lora.json").write_text(json.dumps(a))
+    partial = dict(_lora_run(["circle"], ["missed"], "erasure_methods_new.json"), complete=False)
+    (tmp_path / "erasure_lora_new.json").write_text(json.dumps(partial))
+    assert report.render("erasure_lora_six").endswith("_owed: circle, blue and dotted (run "
+                                                      f"`{report.LORA_SIX_COMMAND}`)._")
+    (tmp_path / "erasure_methods.json").write_text(json.dumps(dict(_erasure_run(["star"], ["met"]), complete=False)))
+    assert report.render("esd_sweep").count("| `") == 0
