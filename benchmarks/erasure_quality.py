@@ -164,6 +164,14 @@ def save_grid(cells: list[list[np.ndarray]], row_labels, col_labels, path: Path,
     return path.stat().st_size
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (0 attack seeds would attack nothing and fail later, obscurely)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def protocol_parser(doc: str, methods, **defaults) -> argparse.ArgumentParser:
     """The flags both erasure benchmarks share: models, concepts, ESD / SalUn training, evaluation and attack
     (``defaults`` overrides any of them by its dest name, e.g. ``esd_steps=30``); ``--methods`` chooses from
@@ -188,7 +196,7 @@ def protocol_parser(doc: str, methods, **defaults) -> argparse.ArgumentParser:
     ap.add_argument("--inference-steps", type=int, default=15)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--attack-prompts", type=int, default=4)
-    ap.add_argument("--attack-seeds", type=int, default=1,
+    ap.add_argument("--attack-seeds", type=positive_int, default=1,
                     help="each attack prompt attacked this many times, each with its own target image, attack draws "
                          "and generation seed (the rates' n is prompts x seeds)")
     ap.add_argument("--attack", nargs="+", default=["unlearndiffatk"], choices=ATTACKS,

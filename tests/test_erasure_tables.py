@@ -297,3 +297,17 @@ def test_doco_jobs_train_at_the_chosen_adversarial_weight():
     # a results file from before the flag was measured at the reference's weight: it still resumes and reuses
     assert erasure_quality.differing_settings({}, args, ["doco_adv_weight", "attack_seeds"]) == []
     assert erasure_quality.differing_settings({}, weaker, ["doco_adv_weight"]) == ["doco_adv_weight"]
+
+
+def test_attack_seeds_must_be_at_least_one(capsys):
+    ap = erasure_quality.protocol_parser("", ("esd",))
+    assert ap.parse_args(["--attack-seeds", "2"]).attack_seeds == 2
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit):
+            ap.parse_args(["--attack-seeds", bad])
+        assert f"argument --attack-seeds: must be >= 1, got {bad}" in capsys.readouterr().err
+
+
+def test_report_and_the_benchmarks_agree_on_the_settings_old_files_predate():
+    # report.py does not import the benchmarks, so it keeps its own copy of the defaults
+    assert report.SETTING_DEFAULTS == erasure_quality.SETTING_DEFAULTS
