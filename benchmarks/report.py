@@ -788,18 +788,109 @@ def _target_counts(data: dict) -> list[str]:
     return out
 
 
+#: Where the original model's rows of the six concepts were measured (erasure_methods runs have none): part 1's run
+#: (star, red, striped) and the 1000-step ESD side run on the new concepts (circle, blue, dotted), both on the same
+#: prompts, seeds and sampling as the six-concept runs (checked: :data:`ORIGINAL_PROTOCOL`).
+ORIGINAL_FILES = ("erasure_quality.json", "erasure_quality_esd1000_new.json")
+#: what the original model's rows depend on: the model, the oracle, the prompts and seeds, the sampling
+ORIGINAL_PROTOCOL = ("smoke", "model", "classifier", "n_prompts", "seeds", "inference_steps", "guidance")
+
+
+def six_originals(six: dict, sources: list[dict]) -> list[dict]:
+    """The original model's rows for the concepts of the merged six-concept run ``six``, from ``sources`` (results
+    files with ``originals``). ValueError naming a source's protocol setting that differs from the run's (its
+    original rows would be of other images), or a concept no source has."""
+    by = {}
+    for src in sources:
+        diff = [k for k in ORIGINAL_PROTOCOL if src["setting"].get(k) != six["setting"].get(k)]
+        if diff:
+            raise ValueError(f"original rows measured with other settings: {', '.join(diff)}")
+        by.update({o["concept"]: o for o in src.get("originals", [])})
+    missing = [c for c in six["setting"]["concepts"] if c not in by]
+    if missing:
+        raise ValueError(f"no original rows for {', '.join(missing)}")
+    return [by[c] for c in six["setting"]["concepts"]]
+
+
 def erasure_six(runs: list) -> str:
     """Issue 17's table, 4 methods x 6 concepts: the documented erasure_methods run and its run on the other three
-    concepts merged (:func:`merge_erasure_runs`), the per-concept targets, and the targets counted over the six."""
+    concepts merged (:func:`merge_erasure_runs`), each concept's original-model row (:func:`six_originals`), the
+    per-concept targets, and the targets counted over the six."""
+    runs, sources = runs[:len(SIX_FILES)], runs[len(SIX_FILES):]
     if any(run is None for run in runs):
         missing = [f for f, run in zip(SIX_FILES, runs) if run is None]
         return f"_owed: {', '.join(missing)} (run `{SIX_COMMAND}`)._"
     data = merge_erasure_runs(runs)
+    if sources and all(src is not None for src in sources):
+        data["originals"] = six_originals(data, sources)
+        origin = (f" Original-model rows from {' and '.join(f'`{f}`' for f in ORIGINAL_FILES)} (the same prompts, "
+                  "seeds and sampling, checked).")
+    else:
+        origin = ""
     tail = (("state MiB", "state_mib", "{:.1f}"), ("peak RSS GiB", "peak_rss_gib", "{:.2f}"))
     return "\n".join([f"Merged from {' and '.join(f'`{f}`' for f in SIX_FILES)} (every setting but the concepts "
-                      "equal, checked). " + _erasure_caption(data, "erasure_methods"), "",
-                      *_erasure_main(data, tail), "", *_erasure_targets(data), "",
+                      f"equal, checked).{origin} " + _erasure_caption(data, "erasure_methods"), "",
+                      *_erasure_main(data, tail, originals=bool(origin)), "", *_erasure_targets(data), "",
                       *_target_counts(data)])
+
+
+#: Issue 17's attack over 32 forget prompts x 2 seeds: the six concepts' jobs again with UnlearnDiffAtk alone at
+#: ``--attack-seeds 2`` (every prompt attacked twice, each copy with its own target image, draws and generation
+#: seed; copy 0 is the one-seed protocol's instance), the training and evaluation flags of :data:`SIX_COMMAND`.
+SEEDS2_FILE = "erasure_methods_seeds2.json"
+SEEDS2_COMMAND = (SIX_COMMAND.replace("--attack unlearndiffatk soft-prompt", "--attack-seeds 2 --attack unlearndiffatk")
+                  .replace("--probes noise-search completion", "--probes")
+                  .replace("--concepts circle blue dotted --tag _new",
+                           "--concepts star circle red blue striped dotted --tag _seeds2 --resume"))
+#: the settings the two-seed run may differ in from the one-seed runs (what is attacked, not what is trained)
+SEEDS2_MAY_DIFFER = {"attack_seeds", "attack", "probes"}
+
+
+def erasure_attack_seeds(runs: list) -> str:
+    """UnlearnDiffAtk success at 32 prompts x 1 seed (the six-concept table, :data:`SIX_FILES`) beside 32 prompts x
+    2 seeds (:data:`SEEDS2_FILE`) per (concept, method): the same jobs retrained (training is deterministic on the
+    CPU: the table checks that UA and IRA match and that copy 0's outcomes equal the one-seed run's), AdvUnlearn's
+    "<= half of ESD's" at both n, and the two-seed run's targets counted. ValueError when the runs differ in a
+    setting other than what is attacked."""
+    *six, two = runs
+    if two is None or any(run is None for run in six):
+        return f"_owed: {SEEDS2_FILE} (run `{SEEDS2_COMMAND}`)._"
+    one = merge_erasure_runs(six)
+    s1, s2 = one["setting"], two["setting"]
+    diff = sorted(k for k in (set(s1) | set(s2)) - RUN_ONLY - SEEDS2_MAY_DIFFER
+                  if s1.get(k, SETTING_DEFAULTS.get(k)) != s2.get(k, SETTING_DEFAULTS.get(k)))
+    if diff:
+        raise ValueError(f"{SEEDS2_FILE} differs from the six-concept runs in {', '.join(diff)}")
+    rows1 = {(r["concept"], r["method"]): r for r in one["results"]}
+    out = [f"UnlearnDiffAtk over {s2['attack_prompts']} forget prompts x 1 seed (n={s1['attack_prompts']}, "
+           f"{' and '.join(f'`{f}`' for f in SIX_FILES)}) and x {s2['attack_seeds']} seeds "
+           f"(n={s2['attack_prompts'] * s2['attack_seeds']}, `{SEEDS2_FILE}`, every other setting equal, checked); "
+           "each job trained again in the two-seed run. Same training: UA and IRA equal to the one-seed run's. "
+           "Copy 0: the attacked prompts of the first seed whose outcome equals the one-seed run's. "
+           "ASR_adv - 0.5 ASR_esd: paired bootstrap over the attacked instances (target <= 0).", "",
+           *_header("concept", "method", "UA forget [95% CI]", "same training", "ASR, 1 seed [95% CI]",
+                    "ASR, 2 seeds [95% CI]", "copy 0 = 1-seed run", "ASR_adv - 0.5 ASR_esd, 1 seed",
+                    "ASR_adv - 0.5 ASR_esd, 2 seeds")]
+    for r in two["results"]:
+        c, m = r["concept"], r["method"]
+        r1 = rows1.get((c, m))
+        if r1 is None:
+            continue
+        a1 = one["details"][f"{m}-{c}"]["attack"]["unlearndiffatk"]["success"]
+        a2 = two["details"][f"{m}-{c}"]["attack"]["unlearndiffatk"]["success"]
+        agree = sum(x == y for x, y in zip(a1, a2[: len(a1)]))
+        half = ["—", "—"]
+        if m == "advunlearn":
+            for i, data in enumerate((one, two)):
+                t = data["targets"].get(c, {}).get("advunlearn_asr_le_half_esd", {})
+                half[i] = ("—" if "ci95" not in t else
+                           f"{t['verdict']}: {_est(t['estimate'], t['ci95'], 100, 1, ' points', sign=True)}")
+        same = all(r[k] == r1[k] for k in ("ua", "ira"))
+        out.append("| " + " | ".join([
+            f"{c} ({r['factor']})", m, _share(r["ua"], r.get("ua_ci95")), "yes" if same else "**no**",
+            _erasure_rate(r1, "asr_unlearndiffatk", None), _erasure_rate(r, "asr_unlearndiffatk", None),
+            f"{agree}/{len(a1)}", *half]) + " |")
+    return "\n".join(out + ["", *_target_counts(two)])
 
 
 def erasure_six_targets(runs: list) -> str:
@@ -986,8 +1077,9 @@ TABLES = {
     "esd_sweep": ("erasure_[mq]*.json", esd_sweep),
     "doco_sweep": ("erasure_methods*.json", doco_sweep),
     "erasure_lora_six": (LORA_SIX_FILES, erasure_lora_six),
-    "erasure_six": (SIX_FILES, erasure_six),
+    "erasure_six": ((*SIX_FILES, *ORIGINAL_FILES), erasure_six),
     "erasure_six_targets": (SIX_FILES, erasure_six_targets),
+    "erasure_attack_seeds": ((*SIX_FILES, SEEDS2_FILE), erasure_attack_seeds),
 }
 #: tables rendered from ``None`` while their results file does not exist yet (what is owed)
 OPTIONAL = {"gpu_suite", "erasure_lora"}

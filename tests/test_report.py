@@ -194,6 +194,82 @@ def test_the_six_concept_table_is_owed_until_both_runs_exist(tmp_path, monkeypat
     assert sum(ln.startswith("| circle (object) | ") for ln in table.splitlines()) == 2  # esd, advunlearn
 
 
+def test_the_six_concept_table_takes_each_concepts_original_row_from_a_run_of_the_same_protocol():
+    six = report.merge_erasure_runs([_erasure_run(["star"], ["met"]), _erasure_run(["circle"], ["met"])])
+
+    def source(concepts, ua, **setting):
+        data = _erasure_run(concepts, ["met"] * len(concepts))
+        data["setting"].update(setting)
+        data["originals"] = [dict(concept=c, factor="object", method="original", ua=ua, ua_ci95=[0.0, 0.03],
+                                  ua_synonyms=0.0, ira=0.86, cra=1.0, n_images=dict(forget=128)) for c in concepts]
+        return data
+
+    rows = report.six_originals(six, [source(["star", "red"], 0.0), source(["circle"], 0.1, esd_steps=1000)])
+    assert [(o["concept"], o["ua"]) for o in rows] == [("star", 0.0), ("circle", 0.1)]  # training may differ
+    table = report.erasure_six([_erasure_run(["star"], ["met"]), _erasure_run(["circle"], ["met"]),
+                                source(["star"], 0.0), source(["circle"], 0.1)])
+    methods = [ln.split(" | ")[1] for ln in table.splitlines() if ln.startswith(("| star (", "| circle ("))]
+    assert methods[:6] == ["original", "esd", "advunlearn", "original", "esd", "advunlearn"]
+    assert "| circle (object) | original | 128 | 10.0% [0.0, 3.0] |" in table
+    with pytest.raises(ValueError, match="original rows measured with other settings: seeds"):
+        report.six_originals(six, [source(["star", "circle"], 0.0, seeds=[0])])
+    with pytest.raises(ValueError, match="no original rows for circle"):
+        report.six_originals(six, [source(["star"], 0.0)])
+
+
+def _with_attacks(data: dict, outcomes: dict) -> dict:
+    """``data`` with each job's UnlearnDiffAtk outcomes (``{(concept, method): [bool, ...]}``) in its details and
+    the rows' ASR, n and a stand-in interval set from them."""
+    for r in data["results"]:
+        hits = outcomes[(r["concept"], r["method"])]
+        data["details"][f"{r['method']}-{r['concept']}"] = {"attack": {"unlearndiffatk": {"success": hits}}}
+        r.update(asr_unlearndiffatk=sum(hits) / len(hits), asr_unlearndiffatk_n=len(hits),
+                 asr_unlearndiffatk_ci95=[0.0, 1.0])
+    return data
+
+
+def test_the_two_seed_attack_table_sets_each_job_beside_its_one_seed_run(tmp_path, monkeypatch):
+    import json
+    import shlex
+
+    one_seed = {("star", "esd"): [True, False, False, False], ("star", "advunlearn"): [False, True, False, False]}
+    # copy 0 (the first four instances) as the one-seed run had it, but for one of AdvUnlearn's
+    two_seeds = {("star", "esd"): [True, False, False, False, True, True, False, False],
+                 ("star", "advunlearn"): [False, False, False, False, False, False, False, True]}
+    a = _with_attacks(_erasure_run(["star"], ["missed"]), one_seed)
+    b = _with_attacks(_erasure_run(["circle"], ["met"]), {("circle", m): [False] * 4 for m in ("esd", "advunlearn")})
+    two = _with_attacks(_erasure_run(["star"], ["met"], attack_seeds=2), two_seeds)
+    two["setting"].update(tag="_seeds2", resume=True)
+    two["results"][1]["ira"] = 0.5  # AdvUnlearn trained to other weights: flagged
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    for name, data in (("erasure_methods.json", a), ("erasure_methods_new.json", b)):
+        (tmp_path / name).write_text(json.dumps(data))
+    assert report.render("erasure_attack_seeds") == (
+        f"_owed: erasure_methods_seeds2.json (run `{report.SEEDS2_COMMAND}`)._")
+    (tmp_path / "erasure_methods_seeds2.json").write_text(json.dumps(two))
+    rows = [ln for ln in report.render("erasure_attack_seeds").splitlines() if ln.startswith("| star")]
+    assert [r.split(" | ")[1:7] for r in rows] == [
+        ["esd", "100.0% [97.0, 100.0]", "yes", "25.0% [0.0, 100.0] (n=4)", "37.5% [0.0, 100.0] (n=8)", "4/4"],
+        ["advunlearn", "100.0% [97.0, 100.0]", "**no**", "25.0% [0.0, 100.0] (n=4)", "12.5% [0.0, 100.0] (n=8)",
+         "3/4"]]
+    assert rows[1].endswith("| missed: +10.0 points [+0.0, +20.0] | met: +10.0 points [+0.0, +20.0] |")
+    two["setting"]["esd_steps"] = 1000  # trained otherwise: not the same jobs
+    (tmp_path / "erasure_methods_seeds2.json").write_text(json.dumps(two))
+    with pytest.raises(ValueError, match="differs from the six-concept runs in esd_steps"):
+        report.render("erasure_attack_seeds")
+    # the command: the six-concept run's flags, UnlearnDiffAtk alone at two seeds, no probes, all six concepts
+    six, seeds2 = shlex.split(report.SIX_COMMAND), shlex.split(report.SEEDS2_COMMAND)
+    assert seeds2[seeds2.index("--attack-seeds") + 1] == "2"
+    assert seeds2[seeds2.index("--concepts") + 1: seeds2.index("--tag")] == [
+        "star", "circle", "red", "blue", "striped", "dotted"]
+    trained = lambda cmd: [(f, v) for f, v in zip(cmd, cmd[1:]) if f.endswith(("-steps", "-lr", "-batch", "-images"))]  # noqa: E731
+    assert trained(seeds2) == trained(six) and len(trained(six)) == 13
+    # the command the docs print is this one
+    doc = (ROOT / "docs" / "erasure_part2.md").read_text(encoding="utf-8")
+    block = doc.split("### Attack success at 32 prompts x 2 seeds")[1].split("```")[1]
+    assert shlex.split(block.replace("\\\n", " ")) == seeds2
+
+
 def test_esd_sweep_lists_the_runs_that_trained_esd(tmp_path, monkeypatch):
     quality = _erasure_run(["circle"], ["met"])
     longer = _erasure_run(["circle"], ["met"])
