@@ -620,9 +620,10 @@ def advunlearn_sweep(files: dict) -> str:
     out = ["Each row: AdvUnlearn in one run of `benchmarks/erasure_methods.py` (results file in the first column; "
            "files from before the intervals left out). Inner attack: `sign` = one signed step (the fast variant), "
            "`adam` = the reference's PGD (30 steps unless set). ASR: UnlearnDiffAtk over the run's forget prompts; "
-           "ASR_adv - 0.5 ASR_esd: paired bootstrap over those prompts (target <= 0).", "",
+           "Attacked: the attacked prompts x seeds (n of both ASR columns). ASR_adv - 0.5 ASR_esd: paired bootstrap "
+           "over those instances (target <= 0).", "",
            *_header("results file", "concept", "steps", "lr", "inner attack", "train s", "UA forget [95% CI]",
-                    "ASR AdvUnlearn [95% CI]", "ASR ESD [95% CI]", "ASR_adv - 0.5 ASR_esd, points [95% CI]",
+                    "attacked", "ASR AdvUnlearn [95% CI]", "ASR ESD [95% CI]", "ASR_adv - 0.5 ASR_esd, points [95% CI]",
                     "verdict (<= 0)")]
     for name, data in files.items():
         if "stats" not in data or "advunlearn" not in data["setting"].get("methods", []):
@@ -636,7 +637,8 @@ def advunlearn_sweep(files: dict) -> str:
             t = data.get("targets", {}).get(concept, {}).get("advunlearn_asr_le_half_esd", {})
             out.append("| " + " | ".join([
                 f"`{name}`", concept, str(s["adv_steps"]), f"{s['adv_lr']:g}", s["adv_attack"], f"{adv['train_s']:.0f}",
-                _share(adv["ua"], adv.get("ua_ci95")), _share(adv["asr"], adv.get("asr_unlearndiffatk_ci95")),
+                _share(adv["ua"], adv.get("ua_ci95")), str(adv.get("asr_unlearndiffatk_n", "—")),
+                _share(adv["asr"], adv.get("asr_unlearndiffatk_ci95")),
                 "—" if esd is None else _share(esd["asr"], esd.get("asr_unlearndiffatk_ci95")),
                 _est(t["estimate"], t["ci95"], 100, 1, sign=True) if "ci95" in t else "—",
                 t.get("verdict", "—")]) + " |")
@@ -651,7 +653,7 @@ def doco_sweep(files: dict) -> str:
            "from before the intervals left out); discriminator warm-up a quarter of the steps. Adv. weight: the "
            "generator's adversarial loss weight (`--doco-adv-weight`, the reference's 1).", "",
            *_header("results file", "concept", "steps", "lr", "adv. weight", "train s", "UA forget [95% CI]",
-                    "UA synonym [95% CI]", "IRA [95% CI]", "CRA [95% CI]", "ASR unlearndiffatk [95% CI]")]
+                    "UA synonym [95% CI]", "IRA [95% CI]", "CRA [95% CI]", "attacked", "ASR unlearndiffatk [95% CI]")]
     for name, data in files.items():
         s = data["setting"]
         if "stats" not in data or "doco" not in s.get("methods", []):
@@ -662,6 +664,7 @@ def doco_sweep(files: dict) -> str:
                     f"`{name}`", r["concept"], str(s["doco_steps"]), f"{s['doco_lr']:g}",
                     f"{s.get('doco_adv_weight', SETTING_DEFAULTS['doco_adv_weight']):g}", f"{r['train_s']:.0f}",
                     *(_share(r[k], r.get(f"{k}_ci95")) for k in ("ua", "ua_synonyms", "ira", "cra")),
+                    str(r.get("asr_unlearndiffatk_n", "—")),
                     _erasure_rate(r, "asr_unlearndiffatk", r.get("asr_unlearndiffatk_n"))]) + " |")
     return "\n".join(out)
 

@@ -81,16 +81,18 @@ def test_advunlearn_sweep_lists_each_run_with_intervals(tmp_path, monkeypatch):
                                  adv_attack=attack), results=rows,
                     targets={"red": {"advunlearn_asr_le_half_esd": target}}, **({"stats": {}} if stats else {}))
 
+    adam = run("adam", 0.25, "met")
+    adam["results"][1]["asr_unlearndiffatk_n"] = 64  # a two-seed run: its n shown
     rows = _sweep_rows("advunlearn_sweep", {"erasure_methods.json": run("sign", 0.875, "missed"),
-                                            "erasure_methods_adam.json": run("adam", 0.25, "met"),
+                                            "erasure_methods_adam.json": adam,
                                             "erasure_methods_old.json": run("sign", 0.5, "missed", stats=False),
                                             "erasure_methods_smoke.json": run("sign", 0.0, "met")},
                        tmp_path, monkeypatch)
     assert rows == [
-        "| `erasure_methods.json` | red | 200 | 0.0002 | sign | 900 | 100.0% [97.0, 100.0] | 87.5% [77.5, 92.5] | "
+        "| `erasure_methods.json` | red | 200 | 0.0002 | sign | 900 | 100.0% [97.0, 100.0] | — | 87.5% [77.5, 92.5] | "
         "100.0% [89.0, 100.0] | +37.5 [+27.5, +47.5] | missed |",
-        "| `erasure_methods_adam.json` | red | 200 | 0.0002 | adam | 900 | 100.0% [97.0, 100.0] | 25.0% [15.0, 30.0] | "
-        "100.0% [89.0, 100.0] | -25.0 [-35.0, -15.0] | met |"]
+        "| `erasure_methods_adam.json` | red | 200 | 0.0002 | adam | 900 | 100.0% [97.0, 100.0] | 64 | "
+        "25.0% [15.0, 30.0] | 100.0% [89.0, 100.0] | -25.0 [-35.0, -15.0] | met |"]
 
 
 def test_erasure_lora_sweep_lists_each_lora_setting_with_its_rate(tmp_path, monkeypatch):
