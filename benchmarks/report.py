@@ -868,7 +868,8 @@ def erasure_attack_seeds(runs: list) -> str:
     out = [f"UnlearnDiffAtk over {s2['attack_prompts']} forget prompts x 1 seed (n={s1['attack_prompts']}, "
            f"{' and '.join(f'`{f}`' for f in SIX_FILES)}) and x {s2['attack_seeds']} seeds "
            f"(n={s2['attack_prompts'] * s2['attack_seeds']}, `{SEEDS2_FILE}`, every other setting equal, checked); "
-           "each job trained again in the two-seed run. Same training: UA and IRA equal to the one-seed run's. "
+           "each job trained again in the two-seed run. Same training: UA and IRA equal to the one-seed run's "
+           "(else that run's). "
            "Copy 0: the attacked prompts of the first seed whose outcome equals the one-seed run's. "
            "ASR_adv - 0.5 ASR_esd: paired bootstrap over the attacked instances (target <= 0).", "",
            *_header("concept", "method", "UA forget [95% CI]", "same training", "ASR, 1 seed [95% CI]",
@@ -890,7 +891,8 @@ def erasure_attack_seeds(runs: list) -> str:
                            f"{t['verdict']}: {_est(t['estimate'], t['ci95'], 100, 1, ' points', sign=True)}")
         same = all(r[k] == r1[k] for k in ("ua", "ira"))
         out.append("| " + " | ".join([
-            f"{c} ({r['factor']})", m, _share(r["ua"], r.get("ua_ci95")), "yes" if same else "**no**",
+            f"{c} ({r['factor']})", m, _share(r["ua"], r.get("ua_ci95")),
+            "yes" if same else f"**no**: UA {r1['ua']:.1%}, IRA {r1['ira']:.1%} there",
             _erasure_rate(r1, "asr_unlearndiffatk", None), _erasure_rate(r, "asr_unlearndiffatk", None),
             f"{agree}/{len(a1)}", *half]) + " |")
     return "\n".join(out + ["", *_target_counts(two)])

@@ -252,7 +252,8 @@ def test_the_two_seed_attack_table_sets_each_job_beside_its_one_seed_run(tmp_pat
     rows = [ln for ln in report.render("erasure_attack_seeds").splitlines() if ln.startswith("| star")]
     assert [r.split(" | ")[1:7] for r in rows] == [
         ["esd", "100.0% [97.0, 100.0]", "yes", "25.0% [0.0, 100.0] (n=4)", "37.5% [0.0, 100.0] (n=8)", "4/4"],
-        ["advunlearn", "100.0% [97.0, 100.0]", "**no**", "25.0% [0.0, 100.0] (n=4)", "12.5% [0.0, 100.0] (n=8)",
+        ["advunlearn", "100.0% [97.0, 100.0]", "**no**: UA 100.0%, IRA 90.0% there", "25.0% [0.0, 100.0] (n=4)",
+         "12.5% [0.0, 100.0] (n=8)",
          "3/4"]]
     assert rows[1].endswith("| missed: +10.0 points [+0.0, +20.0] | met: +10.0 points [+0.0, +20.0] |")
     two["setting"]["esd_steps"] = 1000  # trained otherwise: not the same jobs
