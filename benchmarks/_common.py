@@ -19,9 +19,11 @@ def environment() -> dict:
     import transformers
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    # The CPU kernels' instruction set: runs on CPUs with other kernels round differently in the last bits, which
+    # chaotic training (DoCo's adversarial game, SalUn's saliency threshold) turns into other weights.
     return dict(device=device, cuda=torch.version.cuda, torch=torch.__version__, diffusers=diffusers.__version__,
                 transformers=transformers.__version__, cpu_threads=torch.get_num_threads(),
-                date=time.strftime("%Y-%m-%d %H:%M:%S"))
+                cpu_capability=torch.backends.cpu.get_cpu_capability(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 def sd15_for_timing(ap, smoke: bool):

@@ -326,3 +326,11 @@ def test_guiders_summary_names_only_guiders_that_meet_both_verdicts():
     assert lines[3].endswith("| a_7.5 (-0.020 saturation, +1.0 accuracy points) |")
     assert lines[4] == "| CFG scale 15: less saturated *and* at least as accurate as CFG | none (of 1) |"
     assert lines[5].endswith("| none meets both |")
+
+
+def test_the_environment_records_the_cpu_kernels_instruction_set():
+    import torch
+
+    env = _common.environment()
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability() != ""
+    assert {"torch", "diffusers", "transformers", "cpu_threads", "date"} <= set(env)
