@@ -851,8 +851,9 @@ SEEDS2_MAY_DIFFER = {"attack_seeds", "attack", "probes"}
 
 def erasure_attack_seeds(runs: list) -> str:
     """UnlearnDiffAtk success at 32 prompts x 1 seed (the six-concept table, :data:`SIX_FILES`) beside 32 prompts x
-    2 seeds (:data:`SEEDS2_FILE`) per (concept, method): the same jobs retrained (training is deterministic on the
-    CPU: the table checks that UA and IRA match and that copy 0's outcomes equal the one-seed run's), AdvUnlearn's
+    2 seeds (:data:`SEEDS2_FILE`) per (concept, method): the same jobs retrained (a job repeats exactly on one
+    machine, not always on another CPU: the table shows whether UA and IRA match and how many of copy 0's outcomes
+    equal the one-seed run's), AdvUnlearn's
     "<= half of ESD's" at both n, and the two-seed run's targets counted. ValueError when the runs differ in a
     setting other than what is attacked."""
     *six, two = runs
@@ -869,7 +870,8 @@ def erasure_attack_seeds(runs: list) -> str:
            f"{' and '.join(f'`{f}`' for f in SIX_FILES)}) and x {s2['attack_seeds']} seeds "
            f"(n={s2['attack_prompts'] * s2['attack_seeds']}, `{SEEDS2_FILE}`, every other setting equal, checked); "
            "each job trained again in the two-seed run. Same training: UA and IRA equal to the one-seed run's "
-           "(else that run's). "
+           "(else that run's; a job repeats exactly on one machine, but these runs ran on CPUs whose kernels "
+           "round differently). "
            "Copy 0: the attacked prompts of the first seed whose outcome equals the one-seed run's. "
            "ASR_adv - 0.5 ASR_esd: paired bootstrap over the attacked instances (target <= 0).", "",
            *_header("concept", "method", "UA forget [95% CI]", "same training", "ASR, 1 seed [95% CI]",
