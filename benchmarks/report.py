@@ -733,18 +733,22 @@ RUN_ONLY = {"concepts", "tag", "note", "resume", "reuse"}
 SETTING_DEFAULTS = {"attack_seeds": 1, "doco_adv_weight": 1.0}
 
 
+def _differing(a: dict, b: dict, ignore) -> dict:
+    """{setting: (value in a, value in b)} for the settings of two runs that differ, sorted, ``ignore`` left out; a
+    setting a file predates counts at its :data:`SETTING_DEFAULTS` value."""
+    pairs = {k: (a.get(k, SETTING_DEFAULTS.get(k)), b.get(k, SETTING_DEFAULTS.get(k))) for k in set(a) | set(b)}
+    return {k: pairs[k] for k in sorted(pairs) if k not in ignore and pairs[k][0] != pairs[k][1]}
+
+
 def merge_erasure_runs(runs: list[dict]) -> dict:
     """One erasure results dict (rows, details, originals, targets) from runs of the same protocol and training
     settings on different concepts. ValueError naming each setting that differs, or a concept measured twice."""
     first = runs[0]["setting"]
     for run in runs[1:]:
-        s = run["setting"]
-        pairs = {k: (first.get(k, SETTING_DEFAULTS.get(k)), s.get(k, SETTING_DEFAULTS.get(k)))
-                 for k in set(first) | set(s) if k not in RUN_ONLY}
-        diff = sorted(k for k, (a, b) in pairs.items() if a != b)
+        diff = _differing(first, run["setting"], RUN_ONLY)
         if diff:
             raise ValueError("runs with other settings cannot share a table: " +
-                             ", ".join(f"{k} ({pairs[k][0]!r} / {pairs[k][1]!r})" for k in diff))
+                             ", ".join(f"{k} ({a!r} / {b!r})" for k, (a, b) in diff.items()))
     concepts = [c for run in runs for c in run["setting"]["concepts"]]
     twice = sorted({c for c in concepts if concepts.count(c) > 1})
     if twice:
@@ -861,8 +865,7 @@ def erasure_attack_seeds(runs: list) -> str:
         return f"_owed: {SEEDS2_FILE} (run `{SEEDS2_COMMAND}`)._"
     one = merge_erasure_runs(six)
     s1, s2 = one["setting"], two["setting"]
-    diff = sorted(k for k in (set(s1) | set(s2)) - RUN_ONLY - SEEDS2_MAY_DIFFER
-                  if s1.get(k, SETTING_DEFAULTS.get(k)) != s2.get(k, SETTING_DEFAULTS.get(k)))
+    diff = _differing(s1, s2, RUN_ONLY | SEEDS2_MAY_DIFFER)
     if diff:
         raise ValueError(f"{SEEDS2_FILE} differs from the six-concept runs in {', '.join(diff)}")
     rows1 = {(r["concept"], r["method"]): r for r in one["results"]}
